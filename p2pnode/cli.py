@@ -1,0 +1,168 @@
+"""`p2pnode` command line: run a node, ping a peer, show a peer's identify record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+import attrs
+import trio
+
+from . import __version__, logfmt
+from .config import ConfigError, load_or_create
+from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
+from .host import HostConfig, open_host
+from .identity import KeyFileError, KeyPair, load_or_create_key
+from .multiaddr import Multiaddr
+from .stdproto import identify as identify_proto
+from .stdproto import ping as ping_proto
+
+log = logging.getLogger("p2pnode")
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def default_data_dir() -> str:
+    return os.environ.get("P2PNODE_DATA_DIR", ".p2pnode")
+
+
+def _parse_addr(text: str) -> Multiaddr:
+    try:
+        return Multiaddr.parse(text)
+    except DecodeError as exc:
+        raise SystemExit(f"p2pnode: bad multiaddr: {exc}") from None
+
+
+# -- run ---------------------------------------------------------------------------------------
+async def _run(args: argparse.Namespace) -> int:
+    config, created = load_or_create(args.data_dir)
+    if args.listen:
+        config = attrs.evolve(config, listen=tuple(_parse_addr(a) for a in args.listen))
+    logfmt.setup(args.log_level or config.log_level)
+    if created:
+        log.info(logfmt.fmt("config_created", path=config.data_dir / "config.json"))
+    key, key_created = load_or_create_key(config.key_path)
+    if key_created:
+        log.info(logfmt.fmt("key_created", path=config.key_path, peer=key.peer_id))
+    log.info(logfmt.fmt("starting", version=__version__, peer=key.peer_id, data_dir=config.data_dir))
+    async with open_host(key, HostConfig(listen=config.listen)) as host:
+        for addr in host.full_addrs():
+            print(addr, flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(logfmt.fmt("stopping", signal=signal.Signals(signum).name))
+                break
+    log.info(logfmt.fmt("stopped"))
+    return 0
+
+
+# -- ping / id ---------------------------------------------------------------------------------
+async def _ping(args: argparse.Namespace) -> int:
+    addr = _parse_addr(args.multiaddr)
+    async with open_host(KeyPair.generate(), HostConfig()) as host:
+        with trio.fail_after(args.timeout):
+            conn = await host.connect(addr)
+        print(f"PING {addr} ({conn.peer_id})", flush=True)
+        rtts = []
+        for seq in range(1, args.count + 1):
+            with trio.fail_after(args.timeout):
+                (rtt,) = await ping_proto.ping(host, conn, 1)
+            rtts.append(rtt)
+            print(f"seq={seq} rtt={rtt * 1000:.3f} ms", flush=True)
+            if seq < args.count:
+                await trio.sleep(args.interval)
+        print(f"--- {len(rtts)} replies, min/avg/max = {min(rtts)*1000:.3f}/{sum(rtts)/len(rtts)*1000:.3f}/{max(rtts)*1000:.3f} ms")
+    return 0
+
+
+async def _id(args: argparse.Namespace) -> int:
+    addr = _parse_addr(args.multiaddr)
+    async with open_host(KeyPair.generate(), HostConfig()) as host:
+        with trio.fail_after(args.timeout):
+            conn = await host.connect(addr)
+            record = await identify_proto.identify(host, conn)
+    info = {
+        "peer_id": str(conn.peer_id),
+        "agent_version": record.agent_version,
+        "protocol_version": record.protocol_version,
+        "listen_addrs": [str(a) for a in record.listen_multiaddrs()],
+        "observed_addr": str(record.observed_multiaddr()) if record.observed_multiaddr() else None,
+        "protocols": list(record.protocols),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            if isinstance(v, list):
+                print(f"{k:<{width}}  " + (("\n" + " " * (width + 2)).join(v) if v else "-"))
+            else:
+                print(f"{k:<{width}}  {v if v is not None else '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pnode",
+        description="A peer-to-peer node: libp2p transport (TCP, WebSocket, Noise, yamux), no central server.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a node in the foreground", description=(
+        "Run a node. On first start it writes <data-dir>/config.json with defaults (TCP 4100, "
+        "WebSocket 4101) and a new Ed25519 key <data-dir>/node.key (mode 0600). Prints its full "
+        "multiaddrs (with /p2p/<peer id>) on stdout and logs in logfmt on stderr; SIGTERM or "
+        "Ctrl-C stops it cleanly (go-away sent to every peer)."))
+    run.add_argument("--data-dir", default=default_data_dir(), help="data directory (default: $P2PNODE_DATA_DIR or ./.p2pnode)")
+    run.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address, repeatable; overrides config.json's listen")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides config.json's log_level")
+    run.set_defaults(func=_run)
+
+    ping = sub.add_parser("ping", help="ping a peer with /ipfs/ping/1.0.0", description=(
+        "Dial MULTIADDR (e.g. /ip4/127.0.0.1/tcp/4100/p2p/12D3KooW…) with a throwaway identity and "
+        "print the round-trip time of each ping. Exits 1 if the dial or any ping fails."))
+    ping.add_argument("multiaddr")
+    ping.add_argument("-n", "--count", type=int, default=4, help="number of pings (default 4)")
+    ping.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between pings (default 1)")
+    ping.add_argument("--timeout", type=float, default=10.0, help="seconds allowed for the dial and for each ping")
+    ping.set_defaults(func=_ping)
+
+    ident = sub.add_parser("id", help="show a peer's identify record", description=(
+        "Dial MULTIADDR and print what the peer says about itself over /ipfs/id/1.0.0: agent, "
+        "listen addresses, the address it sees us at, and its protocols."))
+    ident.add_argument("multiaddr")
+    ident.add_argument("--json", action="store_true", help="print JSON")
+    ident.add_argument("--timeout", type=float, default=10.0)
+    ident.set_defaults(func=_id)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        logfmt.setup("warning")
+    try:
+        return trio.run(args.func, args)
+    except ConfigError as exc:
+        print(f"p2pnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyFileError as exc:
+        print(f"p2pnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except trio.TooSlowError:
+        print(f"p2pnode: {args.command}: timed out after {getattr(args, 'timeout', 0):g}s", file=sys.stderr)
+        return EXIT_FAILURE
+    except (DialError, HandshakeError, ProtocolError, P2PNodeError) as exc:
+        print(f"p2pnode: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

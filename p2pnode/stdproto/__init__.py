@@ -1,0 +1,1 @@
+"""Standard libp2p protocols every node speaks: ping and identify."""

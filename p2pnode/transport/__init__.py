@@ -1,0 +1,1 @@
+"""Transport layer: raw transports (TCP, WebSocket) and the libp2p upgrade (multistream, noise, yamux)."""

@@ -1,0 +1,75 @@
+"""Connection upgrade: raw stream → multistream(/noise) → Noise XX → multistream(/yamux/1.0.0) → yamux.
+
+Every stage runs under its own deadline so a stalled peer costs at most one timeout.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from ..errors import HandshakeError, ProtocolError
+from ..identity import KeyPair, PeerId
+from . import noise, yamux
+from .muxer import YamuxConnection
+from .negotiate import answer, select
+from .secure import noise_handshake
+
+
+@attrs.frozen
+class UpgradeLimits:
+    handshake_timeout: float = 10.0
+    initial_window: int = yamux.INITIAL_WINDOW
+    max_window: int = yamux.DEFAULT_MAX_WINDOW
+    max_inbound_streams: int = yamux.DEFAULT_MAX_INBOUND_STREAMS
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 20.0
+
+
+async def _stage(name: str, timeout: float, fn, *args, **kwargs):
+    try:
+        with trio.fail_after(timeout):
+            return await fn(*args, **kwargs)
+    except trio.TooSlowError:
+        raise HandshakeError(f"{name} timed out after {timeout:g}s") from None
+    except HandshakeError:
+        raise
+    except ProtocolError as exc:
+        raise HandshakeError(f"{name}: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise HandshakeError(f"{name}: connection failed ({exc or type(exc).__name__})") from None
+
+
+async def upgrade(
+    raw: trio.abc.Stream,
+    identity: KeyPair,
+    *,
+    initiator: bool,
+    expected_peer: PeerId | None,
+    limits: UpgradeLimits,
+    label: str = "",
+) -> tuple[YamuxConnection, noise.HandshakeComplete]:
+    t = limits.handshake_timeout
+    if initiator:
+        agreed = await _stage("security negotiation", t, select, raw, [noise.PROTOCOL_ID])
+    else:
+        agreed = await _stage("security negotiation", t, answer, raw, {noise.PROTOCOL_ID})
+    secure = await _stage(
+        "noise handshake", t, noise_handshake, raw, identity,
+        initiator=initiator, expected_peer=expected_peer, initial=agreed.trailing,
+    )
+    if initiator:
+        muxer = await _stage("muxer negotiation", t, select, secure, [yamux.PROTOCOL_ID])
+    else:
+        muxer = await _stage("muxer negotiation", t, answer, secure, {yamux.PROTOCOL_ID})
+    session = yamux.YamuxSession(
+        is_client=initiator,
+        initial_window=limits.initial_window,
+        max_window=limits.max_window,
+        max_inbound_streams=limits.max_inbound_streams,
+    )
+    conn = YamuxConnection(
+        secure, session, initial=muxer.trailing, label=label,
+        keepalive_interval=limits.keepalive_interval, keepalive_timeout=limits.keepalive_timeout,
+    )
+    return conn, secure.remote
