@@ -154,9 +154,10 @@ class Host:
             muxer, remote_info = await upgrade(
                 stream, self.identity, initiator=False, expected_peer=None, limits=self.config.upgrade, label=label
             )
-        except HandshakeError as exc:
+        except Exception as exc:  # HandshakeError, or a bug: either way this peer alone is dropped
             self.stats["handshake_failures"] += 1
-            log.warning(fmt("handshake_failed", direction="inbound", remote=remote, reason=str(exc)))
+            reason = str(exc) if isinstance(exc, HandshakeError) else f"{type(exc).__name__}: {exc}"
+            log.warning(fmt("handshake_failed", direction="inbound", remote=remote, reason=reason))
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 await stream.aclose()
@@ -289,7 +290,7 @@ class Host:
         try:
             with trio.fail_after(self.config.negotiation_timeout):
                 agreed = await answer(stream, self._handlers)
-        except (trio.TooSlowError, ProtocolError, StreamReset, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed) as exc:
+        except (trio.TooSlowError, P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info(fmt("stream_negotiation_failed", peer=conn.peer_id, reason=str(exc) or type(exc).__name__))
             await stream.reset()
             return

@@ -93,6 +93,12 @@ class Dialer:
 
     def receive_data(self, data: bytes) -> Agreed | Listed | None:
         """Feed bytes; returns the outcome once there is one. Raises NegotiationFailed when all were refused."""
+        try:
+            return self._receive(data)
+        except DecodeError as exc:
+            raise ProtocolError(f"multistream: {exc}") from None
+
+    def _receive(self, data: bytes) -> Agreed | Listed | None:
         if self.result is not None:
             raise ProtocolError("negotiation already finished")
         message = self._decoder.next_message(data)
@@ -139,6 +145,13 @@ class Listener:
         return out
 
     def receive_data(self, data: bytes) -> Agreed | None:
+        """Feed bytes; returns the agreement once there is one. Malformed input raises ProtocolError."""
+        try:
+            return self._receive(data)
+        except DecodeError as exc:
+            raise ProtocolError(f"multistream: {exc}") from None
+
+    def _receive(self, data: bytes) -> Agreed | None:
         if self.result is not None:
             raise ProtocolError("negotiation already finished")
         message = self._decoder.next_message(data)

@@ -208,8 +208,7 @@ class YamuxConnection:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
-                if self.keepalive_interval > 0:
-                    nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._keepalive)
                 await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
@@ -281,7 +280,8 @@ class YamuxConnection:
                 waiter.set()
         elif isinstance(event, yamux.StreamRefused):
             self.stats_refused += 1
-            log.warning(fmt("stream_refused", conn=self.label, stream=event.stream_id, reason=event.reason))
+            level = logging.DEBUG if self.session.go_away_sent else logging.WARNING
+            log.log(level, fmt("stream_refused", conn=self.label, stream=event.stream_id, reason=event.reason))
         elif isinstance(event, yamux.GoAwayReceived):
             log.info(fmt("go_away_received", conn=self.label, code=event.code))
 
@@ -299,6 +299,7 @@ class YamuxConnection:
                     return
 
     async def _keepalive(self) -> None:
+        """Ping at once (the RTT drives window auto-tuning), then every keepalive_interval if > 0."""
         while True:
             try:
                 self.last_rtt = await self.ping(timeout=self.keepalive_timeout)
@@ -310,6 +311,8 @@ class YamuxConnection:
                     self._cancel_scope.cancel()
                 return
             except ConnectionClosed:
+                return
+            if self.keepalive_interval <= 0:
                 return
             await trio.sleep(self.keepalive_interval)
 

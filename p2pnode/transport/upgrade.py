@@ -8,7 +8,7 @@ from __future__ import annotations
 import attrs
 import trio
 
-from ..errors import HandshakeError, ProtocolError
+from ..errors import DecodeError, HandshakeError, ProtocolError
 from ..identity import KeyPair, PeerId
 from . import noise, yamux
 from .muxer import YamuxConnection
@@ -34,7 +34,7 @@ async def _stage(name: str, timeout: float, fn, *args, **kwargs):
         raise HandshakeError(f"{name} timed out after {timeout:g}s") from None
     except HandshakeError:
         raise
-    except ProtocolError as exc:
+    except (ProtocolError, DecodeError) as exc:
         raise HandshakeError(f"{name}: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise HandshakeError(f"{name}: connection failed ({exc or type(exc).__name__})") from None

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. On a fresh machine it first installs what the tests need:
+# Node.js (for the js-libp2p interop peer) and the system tools via apt-get when run as root,
+# a virtualenv in .venv with p2pnode and its test dependencies, and tests/interop's npm packages.
+# Extra arguments go to pytest (e.g. ./test.sh -k yamux).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing ${need_apt[*]} with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "test.sh: please install: ${need_apt[*]} (or run as root to have them installed)" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ ! -d tests/interop/node_modules ] || [ tests/interop/package-lock.json -nt tests/interop/node_modules ]; then
+  npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
+fi
+
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,147 @@
+"""The `p2pnode` command as an operator runs it: real processes, real sockets."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+P2PNODE = [sys.executable, "-m", "p2pnode"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A `p2pnode run` process on loopback; yields (process, [full multiaddrs])."""
+    tcp, ws = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        P2PNODE + ["run", "--data-dir", str(tmp_path / "data"), "--listen", f"/ip4/127.0.0.1/tcp/{tcp}",
+                   "--listen", f"/ip4/127.0.0.1/tcp/{ws}/ws"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        addrs = [proc.stdout.readline().strip() for _ in range(2)]
+        assert all("/p2p/12D3KooW" in a for a in addrs), addrs
+        yield proc, addrs
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run(*args, timeout=60):
+    return subprocess.run(P2PNODE + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_creates_key_and_config_and_logs_addrs(node, tmp_path):
+    proc, addrs = node
+    key = tmp_path / "data" / "node.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    config = json.loads((tmp_path / "data" / "config.json").read_text())
+    assert config["listen"] == ["/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4101/ws"]  # the file keeps the defaults
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    err = proc.stderr.read()
+    assert "action=key_created" in err and "action=listening addr=" + addrs[0] in err
+    assert "action=stopping signal=SIGTERM" in err and "action=stopped" in err
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_ping_prints_rtts(node, which):
+    _, addrs = node
+    result = run("ping", addrs[which], "-n", "3", "-i", "0.05")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"PING {addrs[which]}")
+    assert [l.split()[0] for l in lines[1:4]] == ["seq=1", "seq=2", "seq=3"]
+    assert all(float(l.split("rtt=")[1].split()[0]) > 0 for l in lines[1:4])
+    assert lines[4].startswith("--- 3 replies")
+
+
+def test_id_prints_identify_record(node):
+    _, addrs = node
+    result = run("id", addrs[0], "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["peer_id"] == addrs[0].rsplit("/", 1)[1]
+    assert info["agent_version"].startswith("p2pnode/")
+    assert "/ipfs/ping/1.0.0" in info["protocols"]
+    assert sorted(info["listen_addrs"]) == sorted(a.rsplit("/p2p/", 1)[0] for a in addrs)
+    text = run("id", addrs[1])
+    assert "agent_version" in text.stdout and "/ipfs/id/1.0.0" in text.stdout
+
+
+def test_ping_failure_exits_nonzero():
+    result = run("ping", f"/ip4/127.0.0.1/tcp/{_free_port()}", "-n", "1", "--timeout", "3")
+    assert result.returncode == 1
+    assert "ping:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ping_wrong_identity_exits_nonzero(node):
+    _, addrs = node
+    other = "12D3KooWGzh3Wv5aKu1EhUvkuBiTo7QbDr3D7HR2Ki7TbeMmsG3E"
+    result = run("ping", addrs[0].rsplit("/p2p/", 1)[0] + "/p2p/" + other, "-n", "1")
+    assert result.returncode == 1
+    assert f"dialed {other} but the remote proved it is" in result.stderr
+
+
+def test_bad_multiaddr_is_a_clear_error():
+    result = run("ping", "/ip4/127.0.0.1/tcp/notaport")
+    assert result.returncode != 0
+    assert "invalid value 'notaport'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ('{"listen": ["/ip4/1.2.3.4/udp/1"]}', "config field 'listen': invalid value '/ip4/1.2.3.4/udp/1'"),
+        ('{"network_mode": "mesh"}', "allowed: public, private, auto"),
+        ('{"heartbeat_interval": -1}', "config field 'heartbeat_interval'"),
+        ('{"colour": "blue"}', "config field 'colour' is unknown"),
+        ('{"listen": ', "not valid JSON"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, config, expected):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "config.json").write_text(config)
+    result = run("run", "--data-dir", str(data), timeout=30)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_world_readable_key_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "config.json").write_text("{}")
+    from p2pnode.identity import KeyPair, save_key
+
+    save_key(data / "node.key", KeyPair.generate())
+    os.chmod(data / "node.key", 0o644)
+    result = run("run", "--data-dir", str(data), timeout=30)
+    assert result.returncode == 2
+    assert "chmod 600" in result.stderr
+
+
+def test_help_explains_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("run", "ping", "id"):
+        assert command in result.stdout
+    assert "node.key" in run("run", "--help").stdout

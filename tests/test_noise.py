@@ -1,0 +1,167 @@
+"""Noise XX sans-IO core: handshake, identity binding, tampering, framing, the spec vector file."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pnode.errors import HandshakeError, PeerIdMismatch, ProtocolError
+from p2pnode.identity import KeyPair
+from p2pnode.transport import noise
+
+VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors" / "noise-xx.json"
+
+
+def handshake(init: noise.NoiseConnection, resp: noise.NoiseConnection):
+    init.start()
+    resp.receive_data(init.data_to_send())
+    done_i, _ = init.receive_data(resp.data_to_send())
+    done_r, _ = resp.receive_data(init.data_to_send())
+    return done_i, done_r
+
+
+def test_handshake_authenticates_both_sides_and_carries_data():
+    a, b = KeyPair.generate(), KeyPair.generate()
+    init = noise.NoiseConnection(a, initiator=True, expected_peer=b.peer_id)
+    resp = noise.NoiseConnection(b, initiator=False)
+    done_i, done_r = handshake(init, resp)
+    assert done_i.remote_peer == b.peer_id and done_r.remote_peer == a.peer_id
+    big = bytes(range(256)) * 1000  # 256000 bytes: more than one Noise frame
+    wire = init.encrypt(big)
+    assert _frame_lengths(wire) == [65535, 65535, 65535, 256000 - 3 * 65519 + 16]
+    assert resp.receive_data(wire)[1] == big
+    assert init.receive_data(resp.encrypt(b"pong"))[1] == b"pong"
+
+
+def _frame_lengths(wire: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos < len(wire):
+        n = int.from_bytes(wire[pos : pos + 2], "big")
+        out.append(n)
+        pos += 2 + n
+    return out
+
+
+def test_byte_at_a_time_delivery():
+    a, b = KeyPair.generate(), KeyPair.generate()
+    init, resp = noise.NoiseConnection(a, initiator=True), noise.NoiseConnection(b, initiator=False)
+    init.start()
+    for byte in init.data_to_send():
+        resp.receive_data(bytes([byte]))
+    for byte in resp.data_to_send():
+        init.receive_data(bytes([byte]))
+    out = b""
+    for byte in init.data_to_send() + init.encrypt(b"hello"):
+        out += resp.receive_data(bytes([byte]))[1]
+    assert out == b"hello" and resp.remote.remote_peer == a.peer_id
+
+
+def test_dialing_the_wrong_peer_id_fails():
+    a, b, c = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    init = noise.NoiseConnection(a, initiator=True, expected_peer=c.peer_id)
+    resp = noise.NoiseConnection(b, initiator=False)
+    init.start()
+    resp.receive_data(init.data_to_send())
+    with pytest.raises(PeerIdMismatch, match=f"dialed {c.peer_id} but the remote proved it is {b.peer_id}"):
+        init.receive_data(resp.data_to_send())
+
+
+class _LyingResponder(noise.NoiseConnection):
+    """Signs some other static key than the one it uses: an attempt to borrow an identity."""
+
+    def _payload(self) -> bytes:
+        sig = self.identity.sign(noise.SIGNATURE_PREFIX + b"\x00" * 32)
+        return noise.HandshakePayload(self.identity.public_key.to_protobuf(), sig).encode()
+
+
+def test_static_key_signature_must_verify():
+    init = noise.NoiseConnection(KeyPair.generate(), initiator=True)
+    resp = _LyingResponder(KeyPair.generate(), initiator=False)
+    init.start()
+    resp.receive_data(init.data_to_send())
+    with pytest.raises(HandshakeError, match="signature does not verify"):
+        init.receive_data(resp.data_to_send())
+
+
+def test_tampered_handshake_message_fails():
+    init = noise.NoiseConnection(KeyPair.generate(), initiator=True)
+    resp = noise.NoiseConnection(KeyPair.generate(), initiator=False)
+    init.start()
+    resp.receive_data(init.data_to_send())
+    msg2 = bytearray(resp.data_to_send())
+    msg2[50] ^= 1
+    with pytest.raises(HandshakeError, match="message 2"):
+        init.receive_data(bytes(msg2))
+
+
+def test_tampered_transport_frame_fails_and_replay_fails():
+    init = noise.NoiseConnection(KeyPair.generate(), initiator=True)
+    resp = noise.NoiseConnection(KeyPair.generate(), initiator=False)
+    handshake(init, resp)
+    frame = init.encrypt(b"secret")
+    resp.receive_data(frame)
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        resp.receive_data(frame)  # the same frame again: the nonce has moved on
+
+
+def test_low_order_ephemeral_key_is_refused():
+    resp = noise.NoiseConnection(KeyPair.generate(), initiator=False)
+    with pytest.raises(HandshakeError, match="invalid X25519"):
+        resp.receive_data(b"\x00\x20" + b"\x00" * 32)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_fuzz_responder(msg1, msg3):
+    resp = noise.NoiseConnection(KeyPair.generate(), initiator=False)
+    try:
+        resp.receive_data(len(msg1).to_bytes(2, "big") + msg1)
+        resp.receive_data(len(msg3).to_bytes(2, "big") + msg3)
+    except (HandshakeError, ProtocolError):
+        return
+    assert not resp.handshake_done  # random bytes can never complete a handshake
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=400))
+def test_fuzz_initiator(msg2):
+    init = noise.NoiseConnection(KeyPair.generate(), initiator=True)
+    init.start()
+    try:
+        init.receive_data(len(msg2).to_bytes(2, "big") + msg2)
+    except (HandshakeError, ProtocolError):
+        return
+    assert not init.handshake_done
+
+
+def test_vector_file_reproduces_exactly():
+    """protocols/vectors/noise-xx.json: fixed keys → the exact bytes on the wire."""
+    v = json.loads(VECTORS.read_text())
+    a = KeyPair.from_seed(bytes.fromhex(v["initiator"]["identity_seed"]))
+    b = KeyPair.from_seed(bytes.fromhex(v["responder"]["identity_seed"]))
+    init = noise.NoiseConnection(
+        a, initiator=True,
+        static_private=bytes.fromhex(v["initiator"]["static_private"]),
+        ephemeral_private=bytes.fromhex(v["initiator"]["ephemeral_private"]),
+    )
+    resp = noise.NoiseConnection(
+        b, initiator=False,
+        static_private=bytes.fromhex(v["responder"]["static_private"]),
+        ephemeral_private=bytes.fromhex(v["responder"]["ephemeral_private"]),
+    )
+    init.start()
+    msg1 = init.data_to_send()
+    resp.receive_data(msg1)
+    msg2 = resp.data_to_send()
+    init.receive_data(msg2)
+    msg3 = init.data_to_send()
+    resp.receive_data(msg3)
+    transport = init.encrypt(bytes.fromhex(v["transport_plaintext"]))
+    assert msg1.hex() == v["message1"]
+    assert msg2.hex() == v["message2"]
+    assert msg3.hex() == v["message3"]
+    assert transport.hex() == v["transport_frame"]
+    assert str(resp.remote.remote_peer) == v["initiator"]["peer_id"]
+    assert str(init.remote.remote_peer) == v["responder"]["peer_id"]
