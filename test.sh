@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 
 need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)  # DNS TXT bootstrap tests
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need_apt[*]} with apt-get" >&2

@@ -8,15 +8,20 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import attrs
 import trio
 
-from . import __version__, logfmt
+from . import __version__, control, logfmt
+from .cluster.status import fetch_status
 from .config import ConfigError, load_or_create
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
 from .host import HostConfig, open_host
-from .identity import KeyFileError, KeyPair, load_or_create_key
+from .identity import KeyFileError, KeyPair
+from .node import Node
+from .trioutil import open_nursery_unwrapped
+from .store import StoreError
 from .multiaddr import Multiaddr
 from .stdproto import identify as identify_proto
 from .stdproto import ping as ping_proto
@@ -24,6 +29,7 @@ from .stdproto import ping as ping_proto
 log = logging.getLogger("p2pnode")
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+STOP_TIMEOUT = 20  # below systemd's TimeoutStopSec
 
 
 def default_data_dir() -> str:
@@ -45,18 +51,17 @@ async def _run(args: argparse.Namespace) -> int:
     logfmt.setup(args.log_level or config.log_level)
     if created:
         log.info(logfmt.fmt("config_created", path=config.data_dir / "config.json"))
-    key, key_created = load_or_create_key(config.key_path)
-    if key_created:
-        log.info(logfmt.fmt("key_created", path=config.key_path, peer=key.peer_id))
-    log.info(logfmt.fmt("starting", version=__version__, peer=key.peer_id, data_dir=config.data_dir))
-    async with open_host(key, HostConfig(listen=config.listen)) as host:
-        for addr in host.full_addrs():
+    node = Node(config)
+    async with open_nursery_unwrapped() as nursery:
+        await nursery.start(node.run)
+        for addr in node.host.full_addrs():
             print(addr, flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info(logfmt.fmt("stopping", signal=signal.Signals(signum).name))
                 break
-    log.info(logfmt.fmt("stopped"))
+        with trio.fail_after(STOP_TIMEOUT):
+            await node.stop()
     return 0
 
 
@@ -105,6 +110,54 @@ async def _id(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _status(args: argparse.Namespace) -> int:
+    if args.peer:
+        addr = _parse_addr(args.peer)
+        async with open_host(KeyPair.generate(), HostConfig()) as host:
+            with trio.fail_after(args.timeout):
+                conn = await host.connect(addr)
+                view = await fetch_status(host, conn, members=True)
+    else:
+        path = Path(args.data_dir) / control.SOCKET_NAME
+        with trio.fail_after(args.timeout):
+            code, view = await control.request(path, "GET", "/status?members=1")
+        if code != 200:
+            raise control.ControlError(view.get("error", f"HTTP {code}"))
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(format_status(view))
+    return 0
+
+
+def format_status(view: dict) -> str:
+    lines = [
+        f"peer      {view['peer_id']}",
+        f"cluster   {view.get('cluster_id') or '-'}",
+        f"state     {view['state']}  ({view['online_count']} of {view['member_count']} members online)",
+        f"snapshot  {view.get('snapshot_issued_at') or '-'}",
+        f"version   {view['version']}   uptime {view['uptime_s']:.0f}s",
+        "addrs     " + ("\n          ".join(view.get("addrs") or ["-"])),
+    ]
+    members = view.get("members")
+    if members:
+        rows = [("NAME", "PEER", "ONLINE", "STATE", "LAST HEARTBEAT", "RTT", "LABELS")]
+        for m in members:
+            rows.append((
+                (m.get("name") or "-") + (" (self)" if m.get("self") else ""),
+                m["peer_id"][:8] + "…" + m["peer_id"][-6:],
+                "yes" if m.get("online") else "no",
+                m.get("state") or "-",
+                m.get("last_heartbeat") or "-",
+                f"{m['rtt_ms']:.2f} ms" if m.get("rtt_ms") is not None else "-",
+                ",".join(m.get("labels") or []) or "-",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append("")
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pnode",
@@ -139,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--json", action="store_true", help="print JSON")
     ident.add_argument("--timeout", type=float, default=10.0)
     ident.set_defaults(func=_id)
+
+    status = sub.add_parser("status", help="show a node's state and its view of the members", description=(
+        "Without --peer: ask the local node through its control socket (<data-dir>/control.sock, "
+        "usable only by the user running the node). With --peer MULTIADDR: ask that node over "
+        "/p2pnode/status/1.0.0; its reply is signed and checked."))
+    status.add_argument("--data-dir", default=default_data_dir(), help="the local node's data directory")
+    status.add_argument("--peer", metavar="MULTIADDR", help="ask a remote node instead of the local one")
+    status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    status.add_argument("--timeout", type=float, default=10.0)
+    status.set_defaults(func=_status)
     return parser
 
 
@@ -151,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"p2pnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyFileError as exc:
+    except (KeyFileError, StoreError, control.ControlError) as exc:
         print(f"p2pnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except trio.TooSlowError:

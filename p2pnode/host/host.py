@@ -83,6 +83,7 @@ class Host:
         self._listeners_disconnected: list[ConnectionListener] = []
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self.name_resolver: raw.NameResolver | None = None  # /dns* at dial time; None = the OS resolver
         self.stats = {"handshake_failures": 0, "connections_opened": 0}
         if config.standard_protocols:
             from ..stdproto import identify, ping
@@ -215,7 +216,7 @@ class Host:
     async def _dial_and_run(self, maddr: Multiaddr, expected: PeerId | None, *, task_status) -> None:
         if self._closing:
             raise DialError("host is shutting down")
-        stream, local, remote = await raw.dial(maddr, self._nursery, self.config.dial_timeout)
+        stream, local, remote = await raw.dial(maddr, self._nursery, self.config.dial_timeout, self.name_resolver)
         try:
             muxer, remote_info = await upgrade(
                 stream, self.identity, initiator=True, expected_peer=expected, limits=self.config.upgrade, label=f"out:{maddr}"

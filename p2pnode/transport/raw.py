@@ -13,7 +13,7 @@ import attrs
 import trio
 import trio_websocket
 
-from ..errors import DecodeError, DialError
+from ..errors import DecodeError, DialError, P2PNodeError
 from ..multiaddr import Multiaddr
 
 RECEIVE_SIZE = 256 * 1024
@@ -103,12 +103,42 @@ def _sockaddr_to_maddr(sockaddr: tuple, family: int, ws: bool) -> Multiaddr:
     return Multiaddr(((proto, host.split("%")[0]), ("tcp", str(port))) + tail)
 
 
-async def dial(maddr: Multiaddr, nursery: trio.Nursery, timeout: float) -> tuple[trio.abc.Stream, Multiaddr, Multiaddr]:
-    """Open a raw stream. Returns (stream, local_addr, remote_addr)."""
+NameResolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def _open_tcp(ep: Endpoint, resolve: NameResolver | None) -> trio.SocketStream:
+    if resolve is None or ep.family in (socket.AF_INET, socket.AF_INET6) and _is_ip(ep.host):
+        return await trio.open_tcp_stream(ep.host, ep.port)
+    ips = await resolve(ep.host, ep.family)
+    if not ips:
+        raise OSError(f"{ep.host} has no address records")
+    errors = []
+    for ip in ips:
+        try:
+            return await trio.open_tcp_stream(ip, ep.port)
+        except OSError as exc:
+            errors.append(f"{ip}: {exc}")
+    raise OSError("; ".join(errors))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return True
+    except OSError:
+        return False
+
+
+async def dial(
+    maddr: Multiaddr, nursery: trio.Nursery, timeout: float, resolve: NameResolver | None = None
+) -> tuple[trio.abc.Stream, Multiaddr, Multiaddr]:
+    """Open a raw stream. Returns (stream, local_addr, remote_addr).
+
+    /dns* names go through `resolve` (the node's configured nameservers) when given, else the OS."""
     ep = endpoint_of(maddr)
     try:
         with trio.fail_after(timeout):
-            tcp = await trio.open_tcp_stream(ep.host, ep.port)
+            tcp = await _open_tcp(ep, resolve)
             sock = tcp.socket
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             local = _sockaddr_to_maddr(sock.getsockname(), sock.family, ep.kind == "ws")
@@ -122,7 +152,7 @@ async def dial(maddr: Multiaddr, nursery: trio.Nursery, timeout: float) -> tuple
             return WebSocketStream(ws), local, remote
     except trio.TooSlowError:
         raise DialError(f"{maddr}: connect timed out after {timeout:g}s") from None
-    except (OSError, trio_websocket.HandshakeError) as exc:
+    except (OSError, trio_websocket.HandshakeError, P2PNodeError) as exc:
         raise DialError(f"{maddr}: {exc}") from None
 
 

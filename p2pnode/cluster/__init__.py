@@ -1,0 +1,1 @@
+"""The cluster control plane: signed documents, membership, heartbeats, status, health, connectivity."""

@@ -1,0 +1,151 @@
+"""Connectivity: keep a connection to every member (and to bootstrap peers until there are members).
+
+Targets are recomputed on membership changes, disconnects and every second. A target that is
+not connected is dialed; a failed dial waits an exponential backoff (0.5 s doubling, with
+jitter, capped at 30 s) before the next try, and a success resets it. Addresses come from the
+snapshot, identify, and what this node has persisted from earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import attrs
+import trio
+
+from .. import bootstrap, timefmt
+from ..errors import DecodeError, P2PNodeError
+from ..identity import PeerId
+from ..logfmt import fmt
+from ..multiaddr import Multiaddr
+
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+REBOOTSTRAP_INTERVAL = 60.0
+MAX_PARALLEL_DIALS = 16
+
+log = logging.getLogger("p2pnode.connectivity")
+
+
+def backoff_delay(attempts: int, rng: random.Random) -> float:
+    """Delay before retry number `attempts` (1-based): exponential, jittered to 50–100 %, ≤ 30 s."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempts - 1, 16)) * rng.uniform(0.5, 1.0)
+
+
+@attrs.define
+class _Backoff:
+    attempts: int = 0
+    next_at: float = 0.0
+
+
+class Connectivity:
+    def __init__(self, host, store, membership, resolver: bootstrap.Resolver, init_connections, rng: random.Random | None = None):
+        self.host = host
+        self.store = store
+        self.membership = membership
+        self.resolver = resolver
+        self.init_connections = init_connections
+        self.rng = rng or random.Random()
+        self.bootstrap: dict[PeerId | None, list[Multiaddr]] = {}
+        self._backoff: dict[object, _Backoff] = {}
+        self._dialing: set[object] = set()
+        self._wakeup = trio.Event()
+        self._dial_limit = trio.CapacityLimiter(MAX_PARALLEL_DIALS)
+        host.on_disconnected(lambda conn: self.wake())
+        host.on_connected(self._remember)
+        membership.on_change(lambda snap: self.wake())
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def load(self) -> None:
+        for peer, addrs in await self.store.fetchall("SELECT peer_id, addrs FROM peers"):
+            try:
+                self.host.peerstore.add_addrs(PeerId.from_string(peer), [Multiaddr.parse(a) for a in json.loads(addrs)])
+            except (DecodeError, ValueError, TypeError):
+                continue
+
+    def _remember(self, conn) -> None:
+        addrs = self.host.peerstore.addrs(conn.peer_id)
+        if conn.direction == "outbound":
+            addrs = [conn.remote_addr] + [a for a in addrs if a != conn.remote_addr]
+        self.store.queue(
+            "INSERT INTO peers (peer_id, addrs, last_connected) VALUES (?,?,?) ON CONFLICT(peer_id) DO UPDATE SET "
+            "addrs=excluded.addrs, last_connected=excluded.last_connected",
+            (str(conn.peer_id), json.dumps([str(a) for a in addrs][:16]), timefmt.now()),
+        )
+        self._backoff.pop(conn.peer_id, None)
+
+    def has_members(self) -> bool:
+        snap = self.membership.current
+        return snap is not None and any(m.peer_id != self.host.peer_id for m in snap.members)
+
+    def targets(self) -> dict[object, tuple[PeerId | None, list[Multiaddr]]]:
+        out: dict[object, tuple[PeerId | None, list[Multiaddr]]] = {}
+        me = self.host.peer_id
+        for m in self.membership.members():
+            if m.peer_id != me:
+                addrs = list(m.addrs) + [a for a in self.host.peerstore.addrs(m.peer_id) if a not in m.addrs]
+                out[m.peer_id] = (m.peer_id, addrs)
+        if not self.has_members():
+            for pid, addrs in self.bootstrap.items():
+                if pid is None:
+                    for a in addrs:
+                        out[str(a)] = (None, [a])
+                elif pid != me:
+                    out.setdefault(pid, (pid, addrs))
+        return out
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._bootstrap_loop)
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                for key, (pid, addrs) in self.targets().items():
+                    if key in self._dialing or not addrs:
+                        continue
+                    if pid is not None and self.host.connection_to(pid) is not None:
+                        continue
+                    if pid is None and any(c.remote_addr == addrs[0].without_peer_id() for c in self.host.connections()):
+                        continue
+                    if self._backoff.get(key, _Backoff()).next_at > now:
+                        continue
+                    self._dialing.add(key)
+                    nursery.start_soon(self._dial, key, pid, addrs)
+                with trio.move_on_after(1.0):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+
+    async def _dial(self, key, pid: PeerId | None, addrs: list[Multiaddr]) -> None:
+        try:
+            async with self._dial_limit:
+                if pid is not None:
+                    await self.host.connect_peer(pid, addrs)
+                else:
+                    conn = await self.host.connect(addrs[0])
+                    if conn.peer_id == self.host.peer_id:
+                        await conn.muxer.aclose()
+            self._backoff.pop(key, None)
+        except (P2PNodeError, OSError, trio.TooSlowError) as exc:
+            state = self._backoff.setdefault(key, _Backoff())
+            state.attempts += 1
+            delay = backoff_delay(state.attempts, self.rng)
+            state.next_at = trio.current_time() + delay
+            log.info(fmt("dial_failed", peer=pid or key, attempt=state.attempts, retry_in=f"{delay:.1f}s", reason=str(exc)))
+        finally:
+            self._dialing.discard(key)
+
+    async def _bootstrap_loop(self) -> None:
+        if not self.init_connections:
+            return
+        while True:
+            if not self.has_members() or not self.bootstrap:
+                self.bootstrap = await bootstrap.resolve_init_connections(self.resolver, self.init_connections)
+                for pid, addrs in self.bootstrap.items():
+                    if pid is not None:
+                        self.host.peerstore.add_addrs(pid, addrs)
+                self.wake()
+            await trio.sleep(REBOOTSTRAP_INTERVAL if self.bootstrap else 5.0)

@@ -1,0 +1,278 @@
+"""Cluster documents and their verification: admin proofs, membership snapshots, revocations.
+
+Trust chain: the system key (`system_pubkey`) signs admin proofs; an admin signs snapshots and
+carries its proof inside them; the system key signs revocations of admins. Verification is
+pure: given the envelope, the trust settings and the time, it returns the document or raises
+Rejected with a machine-readable `code` and a sentence saying why.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .. import timefmt
+from ..codec import Fields
+from ..envelope import Envelope, SignatureInvalid
+from ..errors import DecodeError
+from ..identity import KeyPair, PeerId, PublicKey
+from ..multiaddr import Multiaddr
+
+ROLE_ADMIN = "admin"
+MAX_FUTURE_NS = 5 * 60 * timefmt.NS  # documents dated further ahead than this are refused
+MAX_MEMBERS = 10_000
+
+
+class Rejected(DecodeError):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+def _peer(text: str, what: str) -> PeerId:
+    try:
+        return PeerId.from_string(text)
+    except DecodeError as exc:
+        raise DecodeError(f"{what}: {exc}") from None
+
+
+def _time(text: str, what: str) -> int:
+    try:
+        return timefmt.parse_ns(text)
+    except DecodeError as exc:
+        raise DecodeError(f"{what}: {exc}") from None
+
+
+@attrs.frozen
+class AdminProof:
+    role: str
+    cluster_id: str
+    admin_peer_id: PeerId
+    valid_from_ns: int
+    valid_until_ns: int
+    issued_at_ns: int
+
+    def to_dict(self) -> dict:
+        return {
+            "role": self.role,
+            "cluster_id": self.cluster_id,
+            "admin_peer_id": str(self.admin_peer_id),
+            "valid_from": timefmt.format_ns(self.valid_from_ns),
+            "valid_until": timefmt.format_ns(self.valid_until_ns),
+            "issued_at": timefmt.format_ns(self.issued_at_ns),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> AdminProof:
+        f = Fields(raw, "admin proof")
+        return cls(
+            role=f.text("role", max_len=32),
+            cluster_id=f.text("cluster_id", max_len=256),
+            admin_peer_id=_peer(f.text("admin_peer_id"), "admin proof admin_peer_id"),
+            valid_from_ns=_time(f.text("valid_from"), "admin proof valid_from"),
+            valid_until_ns=_time(f.text("valid_until"), "admin proof valid_until"),
+            issued_at_ns=_time(f.text("issued_at"), "admin proof issued_at"),
+        )
+
+    def sign(self, system_key: KeyPair) -> Envelope:
+        return Envelope.seal("admin-proof", self.to_dict(), system_key)
+
+
+@attrs.frozen
+class Member:
+    peer_id: PeerId
+    name: str | None = None
+    addrs: tuple[Multiaddr, ...] = ()
+    labels: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out: dict = {"peer_id": str(self.peer_id), "addrs": [str(a) for a in self.addrs], "labels": list(self.labels)}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Member:
+        f = Fields(raw, "member")
+        pid = _peer(f.text("peer_id"), "member peer_id")
+        addrs = []
+        for a in f.items("addrs", optional=True, max_items=64):
+            if not isinstance(a, str):
+                raise DecodeError(f"member {pid}: addrs must be strings")
+            try:
+                addrs.append(Multiaddr.parse(a))
+            except DecodeError as exc:
+                raise DecodeError(f"member {pid}: {exc}") from None
+        labels = f.items("labels", optional=True, max_items=64)
+        if not all(isinstance(label, str) and 0 < len(label) <= 64 for label in labels):
+            raise DecodeError(f"member {pid}: labels must be non-empty strings of at most 64 characters")
+        return cls(pid, f.text("name", optional=True, max_len=128), tuple(addrs), tuple(labels))
+
+
+@attrs.frozen
+class Snapshot:
+    cluster_id: str
+    issued_at_ns: int
+    issuer_peer_id: PeerId
+    members: tuple[Member, ...]
+    admin_proof: Envelope | None = None
+
+    @property
+    def issued_at(self) -> str:
+        return timefmt.format_ns(self.issued_at_ns)
+
+    def member(self, peer_id: PeerId) -> Member | None:
+        for m in self.members:
+            if m.peer_id == peer_id:
+                return m
+        return None
+
+    def member_ids(self) -> set[PeerId]:
+        return {m.peer_id for m in self.members}
+
+    def to_dict(self) -> dict:
+        return {
+            "cluster_id": self.cluster_id,
+            "issued_at": self.issued_at,
+            "issuer_peer_id": str(self.issuer_peer_id),
+            "members": [m.to_dict() for m in self.members],
+            "admin_proof": self.admin_proof.to_dict() if self.admin_proof else None,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Snapshot:
+        f = Fields(raw, "membership snapshot")
+        members = tuple(Member.from_dict(m) for m in f.items("members", max_items=MAX_MEMBERS))
+        if len({m.peer_id for m in members}) != len(members):
+            raise DecodeError("membership snapshot: a peer is listed twice")
+        proof_raw = f.raw.get("admin_proof")
+        proof = Envelope.from_dict(proof_raw, "admin-proof") if proof_raw is not None else None
+        return cls(
+            cluster_id=f.text("cluster_id", max_len=256),
+            issued_at_ns=_time(f.text("issued_at"), "membership snapshot issued_at"),
+            issuer_peer_id=_peer(f.text("issuer_peer_id"), "membership snapshot issuer_peer_id"),
+            members=members,
+            admin_proof=proof,
+        )
+
+    def sign(self, admin_key: KeyPair) -> Envelope:
+        if admin_key.peer_id != self.issuer_peer_id:
+            raise ValueError("a snapshot must be signed by its issuer")
+        return Envelope.seal("membership-snapshot", self.to_dict(), admin_key)
+
+
+@attrs.frozen
+class Revocation:
+    cluster_id: str
+    issued_at_ns: int
+    admins: tuple[PeerId, ...]
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "cluster_id": self.cluster_id,
+            "issued_at": timefmt.format_ns(self.issued_at_ns),
+            "admins": [str(a) for a in self.admins],
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Revocation:
+        f = Fields(raw, "revocation")
+        admins = []
+        for a in f.items("admins", max_items=1000):
+            if not isinstance(a, str):
+                raise DecodeError("revocation: admins must be peer ID strings")
+            admins.append(_peer(a, "revocation admins"))
+        return cls(
+            cluster_id=f.text("cluster_id", max_len=256),
+            issued_at_ns=_time(f.text("issued_at"), "revocation issued_at"),
+            admins=tuple(admins),
+            reason=f.text("reason", optional=True, default="", max_len=1024),
+        )
+
+    def sign(self, system_key: KeyPair) -> Envelope:
+        return Envelope.seal("revocation", self.to_dict(), system_key)
+
+
+@attrs.frozen
+class Trust:
+    """What a node checks documents against."""
+
+    cluster_id: str = ""
+    system_key: PublicKey | None = None
+    revoked_admins: frozenset[PeerId] = frozenset()
+
+
+def system_key_from_text(text: str) -> PublicKey | None:
+    """`system_pubkey` is written as the key's peer ID (12D3KooW…), which inlines the key."""
+    if not text:
+        return None
+    key = PeerId.from_string(text).extract_public_key()
+    if key is None:
+        raise DecodeError("system_pubkey must be an Ed25519 key written as its 12D3KooW… peer ID")
+    return key
+
+
+def _open(env: Envelope) -> dict:
+    try:
+        return env.verify()
+    except SignatureInvalid as exc:
+        raise Rejected("bad_signature", str(exc)) from None
+
+
+def verify_admin_proof(env: Envelope, trust: Trust, *, cluster_id: str, admin: PeerId, at_ns: int) -> AdminProof:
+    if trust.system_key is None:
+        raise ValueError("no system key to verify against")
+    if env.type != "admin-proof":
+        raise Rejected("proof_invalid", f"admin proof has type {env.type}")
+    if env.signer != trust.system_key:
+        raise Rejected("proof_invalid", "admin proof is not signed by this cluster's system key")
+    proof = AdminProof.from_dict(_open(env))
+    if proof.role != ROLE_ADMIN:
+        raise Rejected("proof_invalid", f"admin proof role is {proof.role!r}, not {ROLE_ADMIN!r}")
+    if proof.cluster_id != cluster_id:
+        raise Rejected("proof_invalid", f"admin proof is for cluster {proof.cluster_id!r}, not {cluster_id!r}")
+    if proof.admin_peer_id != admin:
+        raise Rejected("proof_invalid", f"admin proof names {proof.admin_peer_id}, but {admin} signed")
+    if not proof.valid_from_ns <= at_ns <= proof.valid_until_ns:
+        raise Rejected(
+            "proof_expired",
+            f"admin proof is valid {timefmt.format_ns(proof.valid_from_ns)} to {timefmt.format_ns(proof.valid_until_ns)}, "
+            f"the document is dated {timefmt.format_ns(at_ns)}",
+        )
+    if admin in trust.revoked_admins:
+        raise Rejected("revoked_admin", f"admin {admin} has been revoked by the system key")
+    return proof
+
+
+def verify_snapshot(env: Envelope, trust: Trust, now_ns: int) -> Snapshot:
+    """Verify a membership snapshot envelope. Raises Rejected (or DecodeError for malformed ones)."""
+    if env.type != "membership-snapshot":
+        raise Rejected("malformed", f"expected a membership-snapshot, got {env.type}")
+    snap = Snapshot.from_dict(_open(env))
+    if snap.issuer_peer_id != env.signer_id:
+        raise Rejected("bad_signature", f"snapshot names issuer {snap.issuer_peer_id} but was signed by {env.signer_id}")
+    if trust.cluster_id and snap.cluster_id != trust.cluster_id:
+        raise Rejected("wrong_cluster", f"snapshot is for cluster {snap.cluster_id!r}, this node is in {trust.cluster_id!r}")
+    if snap.issued_at_ns > now_ns + MAX_FUTURE_NS:
+        raise Rejected("future", f"snapshot is dated {snap.issued_at}, more than 5 minutes ahead of this node's clock")
+    if trust.system_key is not None:
+        if snap.admin_proof is None:
+            raise Rejected("no_admin_proof", "snapshot carries no admin proof and this cluster has a system key")
+        verify_admin_proof(snap.admin_proof, trust, cluster_id=snap.cluster_id, admin=snap.issuer_peer_id, at_ns=snap.issued_at_ns)
+    return snap
+
+
+def verify_revocation(env: Envelope, trust: Trust, now_ns: int) -> Revocation:
+    if trust.system_key is None:
+        raise Rejected("no_system_key", "revocations need a system_pubkey in this node's config")
+    if env.type != "revocation":
+        raise Rejected("malformed", f"expected a revocation, got {env.type}")
+    if env.signer != trust.system_key:
+        raise Rejected("bad_signature", "revocation is not signed by this cluster's system key")
+    rev = Revocation.from_dict(_open(env))
+    if trust.cluster_id and rev.cluster_id != trust.cluster_id:
+        raise Rejected("wrong_cluster", f"revocation is for cluster {rev.cluster_id!r}, this node is in {trust.cluster_id!r}")
+    if rev.issued_at_ns > now_ns + MAX_FUTURE_NS:
+        raise Rejected("future", "revocation is dated more than 5 minutes ahead of this node's clock")
+    return rev

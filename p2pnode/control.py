@@ -1,0 +1,154 @@
+"""Local control API: HTTP/1.1 + JSON on a Unix socket in the data dir (mode 0600, owner only).
+
+h11 (the sans-IO HTTP library trio-websocket already brings) parses the requests; one request
+per connection. Routes:
+    GET  /status            the node's status view (as /p2pnode/status/1.0.0 returns it)
+    GET  /status?members=1  with every member
+    POST /push              body: a signed snapshot or revocation envelope (CBOR, hex or base64
+                            in JSON {"envelope": "..."}) → the node's verdict
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+from .envelope import Envelope
+from .errors import DecodeError, P2PNodeError
+from .logfmt import fmt
+
+SOCKET_NAME = "control.sock"
+MAX_BODY = 4 << 20
+TIMEOUT = 10.0
+
+log = logging.getLogger("p2pnode.control")
+
+
+class ControlError(P2PNodeError):
+    pass
+
+
+async def serve(node, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    log.info(fmt("control_listening", path=path))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, lambda stream: _handle(node, stream), [listener])
+            task_status.started()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _handle(node, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    try:
+        with trio.fail_after(TIMEOUT):
+            request, body = await _read_request(conn, stream)
+            status, payload = await _route(node, request, body)
+    except (h11.RemoteProtocolError, ControlError) as exc:
+        status, payload = 400, {"error": str(exc)}
+    except trio.TooSlowError:
+        status, payload = 408, {"error": "request timed out"}
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    data = json.dumps(payload, indent=2).encode() + b"\n"
+    try:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+                ("content-type", "application/json"), ("content-length", str(len(data))), ("connection", "close")])))
+            await stream.send_all(conn.send(h11.Data(data=data)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def _read_request(conn: h11.Connection, stream) -> tuple[h11.Request, bytes]:
+    request = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise ControlError(f"request body larger than {MAX_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return request, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("client went away")
+
+
+async def _route(node, request: h11.Request, body: bytes) -> tuple[int, dict]:
+    url = urlsplit(request.target.decode())
+    query = parse_qs(url.query)
+    method = request.method.decode()
+    if url.path == "/status" and method == "GET":
+        members = query.get("members", ["0"])[0] in ("1", "true", "yes")
+        return 200, node.status.view(members)
+    if url.path == "/push" and method == "POST":
+        try:
+            raw = json.loads(body)
+            blob = raw["envelope"]
+            data = bytes.fromhex(blob) if all(c in "0123456789abcdefABCDEF" for c in blob) else base64.b64decode(blob, validate=True)
+            env = Envelope.from_bytes(data)
+        except (ValueError, KeyError, TypeError, DecodeError) as exc:
+            raise ControlError(f"body must be JSON {{\"envelope\": \"<hex or base64 CBOR>\"}} holding a signed document: {exc}") from None
+        verdict = await node.membership.offer(env, None)
+        return (200 if verdict.result != "rejected" else 422), verdict.to_dict()
+    return 404, {"error": f"no route {method} {url.path}; try GET /status, GET /status?members=1, POST /push"}
+
+
+async def request(path: Path, method: str, target: str, body: dict | None = None) -> tuple[int, dict]:
+    """Client side, for the CLI: one request to the node's control socket."""
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ControlError(
+            f"cannot reach the node's control socket {path} ({exc.strerror or exc}); is `p2pnode run` running with this data dir?"
+        ) from None
+    except PermissionError:
+        raise ControlError(f"permission denied on {path}: only the user running the node may use it") from None
+    conn = h11.Connection(h11.CLIENT)
+    data = json.dumps(body).encode() if body is not None else b""
+    headers = [("host", "p2pnode"), ("content-length", str(len(data))), ("content-type", "application/json")]
+    async with stream:
+        await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=headers)))
+        if data:
+            await stream.send_all(conn.send(h11.Data(data=data)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+        status, out = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                out += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+    return status, json.loads(out or b"{}")
