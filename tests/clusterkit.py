@@ -40,7 +40,7 @@ class ClusterKit:
         now = timefmt.now_ns()
         proof = AdminProof(
             role=role, cluster_id=cluster_id or self.cluster_id, admin_peer_id=(admin or self.admin).peer_id,
-            valid_from_ns=valid_from if valid_from is not None else now - HOUR,
+            valid_from_ns=valid_from if valid_from is not None else now - 24 * HOUR,
             valid_until_ns=valid_until if valid_until is not None else now + 24 * HOUR,
             issued_at_ns=now,
         )

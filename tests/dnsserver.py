@@ -34,6 +34,7 @@ def dnsmasq(txt: list[tuple[str, str]], a: list[tuple[str, str]] = (), tmp_path:
     args = [
         find_dnsmasq(), "--keep-in-foreground", "--conf-file=/dev/null", f"--port={port}",
         "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts", "--pid-file=",
+        "--local=/test/",  # authoritative for .test: unknown names get NXDOMAIN, as from a real zone
     ]
     args += [f"--txt-record={name},{text}" for name, text in txt]
     args += [f"--host-record={name},{ip}" for name, ip in a]

@@ -145,3 +145,30 @@ def test_help_explains_commands():
     for command in ("run", "ping", "id"):
         assert command in result.stdout
     assert "node.key" in run("run", "--help").stdout
+
+
+def test_status_local_and_remote(node, tmp_path):
+    proc, addrs = node
+    data = tmp_path / "data"
+    sock = data / "control.sock"
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    local = run("status", "--data-dir", str(data), "--json")
+    assert local.returncode == 0, local.stderr
+    view = json.loads(local.stdout)
+    assert view["state"] == "unconfigured" and view["member_count"] == 0
+    assert sorted(view["addrs"]) == sorted(addrs)
+    table = run("status", "--data-dir", str(data))
+    assert "state     unconfigured  (0 of 0 members online)" in table.stdout
+    remote = run("status", "--peer", addrs[0], "--json")
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["peer_id"] == view["peer_id"]
+
+
+def test_status_without_a_running_node_says_so(tmp_path):
+    result = run("status", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "is `p2pnode run` running with this data dir?" in result.stderr

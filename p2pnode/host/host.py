@@ -310,12 +310,14 @@ class Host:
 
     # -- streams -----------------------------------------------------------------------------------
     async def new_stream(self, peer: PeerId | Connection, protocols: list[str] | str) -> YamuxStream:
-        """Open a stream to `peer` and negotiate the first of `protocols` it supports."""
+        """Open a stream to `peer` and negotiate the first of `protocols` it supports.
+
+        Raises ConnectionClosed if an explicitly given connection is closed or going away."""
         if isinstance(protocols, str):
             protocols = [protocols]
+        # A Connection given explicitly is used as is (tasks owned by a connection stay on it);
+        # a PeerId goes to the peer's current connection, dialing if needed.
         conn = peer if isinstance(peer, Connection) else await self.connect_peer(peer)
-        if conn.superseded or conn.is_closed:
-            conn = await self.connect_peer(conn.peer_id)
         stream = await conn.muxer.open_stream()
         try:
             with trio.fail_after(self.config.negotiation_timeout):

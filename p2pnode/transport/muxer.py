@@ -20,6 +20,7 @@ from . import yamux
 
 log = logging.getLogger("p2pnode.yamux")
 WRITE_BATCH = 256 * 1024
+WRITE_TIMEOUT = 60.0
 
 
 class YamuxStream(trio.abc.HalfCloseableStream):
@@ -182,6 +183,7 @@ class YamuxConnection:
         self._initial = initial
         self._streams: dict[int, YamuxStream] = {}
         self._send_lock = trio.StrictFIFOLock()
+        self._write_broken = False
         self._writer_wakeup = trio.Event()
         self._inbound_send, self.inbound = trio.open_memory_channel[YamuxStream](math.inf)
         self._pongs: dict[int, trio.Event] = {}
@@ -349,12 +351,28 @@ class YamuxConnection:
 
     async def _write(self, frames: bytes) -> None:
         async with self._send_lock:
-            if self.is_closed:
+            if self.is_closed or self._write_broken:
                 raise ConnectionClosed(f"connection closed: {self.close_reason}")
             control = self.session.data_to_send()
             payload = control + frames if control else frames
             if payload:
-                await self.channel.send_all(payload)
+                # A batch of frames is written whole: cancelling the caller half-way would leave the
+                # peer with half a Noise frame, and every later byte would reach it as corruption.
+                # The caller's cancellation lands at its next checkpoint; a peer that stops reading
+                # is bounded by WRITE_TIMEOUT.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(WRITE_TIMEOUT) as timer:
+                        try:
+                            await self.channel.send_all(payload)
+                        except BaseException:
+                            self._write_broken = True
+                            raise
+                if timer.cancelled_caught:
+                    self._write_broken = True
+                    self.close_reason = self.close_reason or f"write stalled for {WRITE_TIMEOUT:g}s"
+                    if self._cancel_scope is not None:
+                        self._cancel_scope.cancel()
+                    raise ConnectionClosed(self.close_reason)
 
     async def _flush_quietly(self) -> None:
         with trio.move_on_after(1):
