@@ -107,7 +107,20 @@ class MembershipService:
             await trio.sleep_forever()
 
     # -- accepting documents -----------------------------------------------------------------------
+    def _not_newer(self, env: Envelope) -> bool:
+        """Cheap LWW pre-check on the unverified payload: a document that would be ignored anyway
+        costs no signature checks. Ignoring changes no state, so trusting the claim is safe."""
+        if self.current is None:
+            return False
+        try:
+            issued = codec.decode_map(env.payload, "snapshot").get("issued_at")
+            return isinstance(issued, str) and timefmt.parse_ns(issued) <= self.current.issued_at_ns
+        except DecodeError:
+            return False
+
     async def offer_snapshot(self, env: Envelope, source: PeerId | None = None) -> Verdict:
+        if self._not_newer(env):
+            return Verdict("ignored", "not_newer", f"this node already has a snapshot issued at {self.current.issued_at}")
         try:
             snap = verify_snapshot(env, self.trust, self.clock())
         except Rejected as exc:
