@@ -110,6 +110,39 @@ async def _id(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _init(args: argparse.Namespace) -> int:
+    """Create or update <data-dir>/config.json and the node key; never replaces an existing key."""
+    from .config import CONFIG_NAME, parse
+    from .fsutil import atomic_write
+    from .identity import load_or_create_key
+
+    config, created = load_or_create(args.data_dir)
+    raw = config.to_json()
+    if args.listen:
+        raw["listen"] = args.listen
+    if args.cluster_id is not None:
+        raw["cluster_id"] = args.cluster_id
+    if args.system_pubkey is not None:
+        raw["system_pubkey"] = args.system_pubkey
+    if args.bootstrap:
+        raw["init_connections"] = [
+            {"type": "multiaddr" if b.startswith("/") else "dns", "value": b} for b in args.bootstrap
+        ]
+    if args.dns_server:
+        raw["dns_nameservers"] = args.dns_server
+    if args.heartbeat_interval is not None:
+        raw["heartbeat_interval"] = args.heartbeat_interval
+    config = parse(raw, data_dir=config.data_dir)  # validated like a hand-written file
+    atomic_write(config.data_dir / CONFIG_NAME, (json.dumps(config.to_json(), indent=2) + "\n").encode(), mode=0o600)
+    key, key_created = load_or_create_key(config.key_path)
+    info = {"peer_id": str(key.peer_id), "data_dir": str(config.data_dir), "config_created": created,
+            "key_created": key_created, "listen": [str(a) for a in config.listen]}
+    print(json.dumps(info, indent=2) if args.json else
+          f"peer_id {key.peer_id}\nconfig  {config.data_dir / CONFIG_NAME} ({'created' if created else 'updated'})\n"
+          f"key     {config.key_path} ({'created' if key_created else 'kept'})")
+    return 0
+
+
 async def _status(args: argparse.Namespace) -> int:
     if args.peer:
         addr = _parse_addr(args.peer)
@@ -192,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--json", action="store_true", help="print JSON")
     ident.add_argument("--timeout", type=float, default=10.0)
     ident.set_defaults(func=_id)
+
+    init = sub.add_parser("init", help="create or update a data dir's config.json and node key", description=(
+        "Write <data-dir>/config.json (creating it with defaults, or updating the given fields) and create "
+        "the node key if there is none. An existing key is never replaced. Used by install.sh."))
+    init.add_argument("--data-dir", default=default_data_dir())
+    init.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address (repeatable; replaces the list)")
+    init.add_argument("--cluster-id")
+    init.add_argument("--system-pubkey", help="the cluster's system key (12D3KooW… from p2pnode-admin init-system)")
+    init.add_argument("--bootstrap", action="append", metavar="DOMAIN|MULTIADDR", help="init_connections entry (repeatable)")
+    init.add_argument("--dns-server", action="append", metavar="HOST:PORT", help="DNS server for bootstrap (repeatable)")
+    init.add_argument("--heartbeat-interval", type=float)
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=_init)
 
     status = sub.add_parser("status", help="show a node's state and its view of the members", description=(
         "Without --peer: ask the local node through its control socket (<data-dir>/control.sock, "

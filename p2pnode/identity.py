@@ -8,6 +8,7 @@ libp2p-key).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -179,7 +180,13 @@ class PeerId:
     @classmethod
     def from_string(cls, text: str) -> PeerId:
         """Parse base58btc multihash (`12D3KooW…`, `Qm…`) or a CIDv1 with codec libp2p-key."""
-        if not text:
+        if not isinstance(text, str):
+            raise DecodeError(f"peer ID must be text, got {type(text).__name__}")
+        return _parse_peer_id(text)
+
+    @classmethod
+    def _from_string(cls, text: str) -> PeerId:
+        if not isinstance(text, str) or not text:
             raise DecodeError("empty peer ID")
         if text.startswith(("Qm", "1")):
             return cls.from_bytes(multibase.b58decode(text))
@@ -199,7 +206,7 @@ class PeerId:
         return cls.from_bytes(raw[pos:])
 
     def to_base58(self) -> str:
-        return multibase.b58encode(self.multihash)
+        return _b58(self.multihash)
 
     def to_cid(self) -> str:
         return "b" + multibase.b32encode_lower(varint.encode(1) + varint.encode(CID_CODEC_LIBP2P_KEY) + self.multihash)
@@ -217,3 +224,14 @@ class PeerId:
 
     def __str__(self) -> str:
         return self.to_base58()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_peer_id(text: str) -> PeerId:
+    # Heartbeats, snapshots and status name the same few peers over and over; base58 is slow.
+    return PeerId._from_string(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _b58(multihash: bytes) -> str:
+    return multibase.b58encode(multihash)

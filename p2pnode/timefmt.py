@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import datetime
 import re
 import time
 
@@ -32,8 +33,8 @@ def parse_ns(text: str) -> int:
         raise DecodeError(f"{text!r} is not an RFC 3339 timestamp like 2026-01-02T03:04:05.000000000Z")
     year, month, day, hour, minute, second, frac, tz = m.groups()
     try:
+        datetime.date(int(year), int(month), int(day))  # rejects 2026-02-30
         seconds = calendar.timegm((int(year), int(month), int(day), int(hour), int(minute), int(second), 0, 0, 0))
-        time.strptime(f"{year}-{month}-{day}", "%Y-%m-%d")  # rejects 2026-02-30
     except ValueError:
         raise DecodeError(f"{text!r} is not a valid date and time") from None
     if int(hour) > 23 or int(minute) > 59 or int(second) > 60:

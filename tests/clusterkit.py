@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import trio
 from p2pnode import timefmt
 from p2pnode.cluster.documents import AdminProof, Member, Revocation, Snapshot
 from p2pnode.config import InitConnection, NodeConfig
-from p2pnode.identity import KeyPair, save_key
+from p2pnode.identity import KeyPair, load_key, save_key
 from p2pnode.multiaddr import Multiaddr
 from p2pnode.node import Node, NodeOptions
 from p2pnode.transport.upgrade import UpgradeLimits
@@ -20,9 +21,17 @@ HOUR = 3600 * timefmt.NS
 
 
 def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port to listen on later. Taken from below the kernel's ephemeral range, so that an
+    outgoing connection made meanwhile cannot be holding it when the node binds."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 class ClusterKit:
@@ -65,16 +74,21 @@ class ClusterKit:
 class ClusterNode:
     """A node's identity, port and data dir, fixed before it starts so DNS records and snapshots can name it."""
 
-    def __init__(self, kit: ClusterKit, root: Path, name: str, *, interval: float = 0.3, init=(), nameservers=()):
+    def __init__(self, kit: ClusterKit, root: Path, name: str, *, interval: float = 0.3, init=(), nameservers=(),
+                 cluster_id: str | None = None, system_pubkey: str | None = None):
         self.name = name
-        self.key = KeyPair.generate()
         self.port = free_tcp_port()
         self.data_dir = root / name
-        self.data_dir.mkdir(parents=True)
-        save_key(self.data_dir / "node.key", self.key)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if (self.data_dir / "node.key").exists():  # pre-provisioned (p2pnode-admin new-node)
+            self.key = load_key(self.data_dir / "node.key")
+        else:
+            self.key = KeyPair.generate()
+            save_key(self.data_dir / "node.key", self.key)
         self.addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{self.port}")
         self.config = NodeConfig(
-            data_dir=self.data_dir, listen=(self.addr,), cluster_id=kit.cluster_id, system_pubkey=kit.system_pubkey,
+            data_dir=self.data_dir, listen=(self.addr,), cluster_id=cluster_id or kit.cluster_id,
+            system_pubkey=system_pubkey or kit.system_pubkey,
             heartbeat_interval=interval, init_connections=tuple(InitConnection(*i) for i in init), dns_nameservers=tuple(nameservers),
         )
         self.node: Node | None = None

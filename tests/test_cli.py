@@ -10,21 +10,15 @@ import time
 
 import pytest
 
+from clusterkit import free_tcp_port
+
 P2PNODE = [sys.executable, "-m", "p2pnode"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def node(tmp_path):
     """A `p2pnode run` process on loopback; yields (process, [full multiaddrs])."""
-    tcp, ws = _free_port(), _free_port()
+    tcp, ws = free_tcp_port(), free_tcp_port()
     proc = subprocess.Popen(
         P2PNODE + ["run", "--data-dir", str(tmp_path / "data"), "--listen", f"/ip4/127.0.0.1/tcp/{tcp}",
                    "--listen", f"/ip4/127.0.0.1/tcp/{ws}/ws"],
@@ -87,7 +81,7 @@ def test_id_prints_identify_record(node):
 
 
 def test_ping_failure_exits_nonzero():
-    result = run("ping", f"/ip4/127.0.0.1/tcp/{_free_port()}", "-n", "1", "--timeout", "3")
+    result = run("ping", f"/ip4/127.0.0.1/tcp/{free_tcp_port()}", "-n", "1", "--timeout", "3")
     assert result.returncode == 1
     assert "ping:" in result.stderr and "Traceback" not in result.stderr
 

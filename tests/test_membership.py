@@ -154,3 +154,24 @@ async def test_heartbeat_seq_grows_across_restart(pair, nursery):
     await a.start(nursery)
     assert a.node.heartbeat._seq >= last  # restored from the store
     assert a.node.heartbeat.next_seq() > last
+
+
+async def test_forwarded_to_limits_the_flood_but_not_the_reach(tmp_path, nursery):
+    kit = ClusterKit()
+    a, b, c = (ClusterNode(kit, tmp_path, n) for n in "abc")
+    for n in (a, b, c):
+        await n.start(nursery)
+    await a.node.membership.offer(kit.snapshot([a.member(), b.member(), c.member()]))
+    await wait_for(lambda: all(n.node.health.state == "healthy" for n in (a, b, c)), what="mesh")
+    async with open_host(KeyPair.generate()) as admin:
+        # B is told A and C are already being sent this one: B forwards to nobody
+        covered = kit.snapshot([a.member(), b.member(), c.member(["x"])])
+        message = {"snapshot": covered.to_dict(), "forwarded_to": [str(a.peer_id), str(b.peer_id), str(c.peer_id)]}
+        assert (await push(admin, await admin.connect(b.full_addr), message)).result == "accepted"
+        await trio.sleep(0.5)
+        assert c.node.membership.current.member(c.peer_id).labels == ()
+        assert a.node.membership.current.member(c.peer_id).labels == ()
+        # a plain push to B reaches A and C through B
+        plain = kit.snapshot([a.member(), b.member(), c.member(["y"])])
+        assert (await push(admin, await admin.connect(b.full_addr), {"snapshot": plain.to_dict()})).result == "accepted"
+        await wait_for(lambda: all(n.node.membership.current.member(c.peer_id).labels == ("y",) for n in (a, b, c)), what="reach")

@@ -25,6 +25,7 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 REBOOTSTRAP_INTERVAL = 60.0
 MAX_PARALLEL_DIALS = 16
+DEFER_LARGER = (3.0, 6.0)  # seconds the larger peer ID waits before its first dial of a pair
 
 log = logging.getLogger("p2pnode.connectivity")
 
@@ -111,7 +112,12 @@ class Connectivity:
                         continue
                     if pid is None and any(c.remote_addr == addrs[0].without_peer_id() for c in self.host.connections()):
                         continue
-                    if self._backoff.get(key, _Backoff()).next_at > now:
+                    state = self._backoff.get(key)
+                    if state is None and pid is not None and pid < self.host.peer_id:
+                        # Both sides of a new pair see each other at once; let the smaller peer ID
+                        # dial first, so the mesh forms without a simultaneous dial per pair.
+                        state = self._backoff[key] = _Backoff(next_at=now + self.rng.uniform(*DEFER_LARGER))
+                    if state is not None and state.next_at > now:
                         continue
                     self._dialing.add(key)
                     nursery.start_soon(self._dial, key, pid, addrs)

@@ -29,6 +29,7 @@ PULL = "/p2pnode/membership/1.0.0"
 PUSH = "/p2pnode/membership-push/1.0.0"
 MAX_MESSAGE = 4 << 20
 REQUEST_TIMEOUT = 10.0
+MAX_FORWARDED_TO = 10_000
 
 log = logging.getLogger("p2pnode.membership")
 
@@ -118,7 +119,7 @@ class MembershipService:
         except DecodeError:
             return False
 
-    async def offer_snapshot(self, env: Envelope, source: PeerId | None = None) -> Verdict:
+    async def offer_snapshot(self, env: Envelope, source: PeerId | None = None, already: frozenset = frozenset()) -> Verdict:
         if self._not_newer(env):
             return Verdict("ignored", "not_newer", f"this node already has a snapshot issued at {self.current.issued_at}")
         try:
@@ -142,10 +143,10 @@ class MembershipService:
         ))
         for listener in list(self._listeners):
             listener(snap)
-        self._forward({"snapshot": env.to_dict()}, exclude=source)
+        self._forward({"snapshot": env.to_dict()}, already=already, source=source)
         return Verdict("accepted")
 
-    async def offer_revocation(self, env: Envelope, source: PeerId | None = None) -> Verdict:
+    async def offer_revocation(self, env: Envelope, source: PeerId | None = None, already: frozenset = frozenset()) -> Verdict:
         try:
             rev = verify_revocation(env, self.trust, self.clock())
         except Rejected as exc:
@@ -160,7 +161,7 @@ class MembershipService:
             "INSERT OR IGNORE INTO revocations (digest, envelope, received_at) VALUES (?,?,?)", (digest, env.to_bytes(), timefmt.now())
         )
         log.info(fmt("apply_revocation", admins=",".join(str(a) for a in rev.admins), issued_at=timefmt.format_ns(rev.issued_at_ns), source=source or "local"))
-        self._forward({"revocation": env.to_dict()}, exclude=source)
+        self._forward({"revocation": env.to_dict()}, already=already, source=source)
         return Verdict("accepted")
 
     def _reject(self, kind: str, code: str, reason: str, source: PeerId | None) -> Verdict:
@@ -168,23 +169,30 @@ class MembershipService:
         log.warning(fmt(f"{kind}_rejected", code=code, reason=reason, source=source or "local"))
         return Verdict("rejected", code, reason)
 
-    async def offer(self, env: Envelope, source: PeerId | None = None) -> Verdict:
+    async def offer(self, env: Envelope, source: PeerId | None = None, already: frozenset = frozenset()) -> Verdict:
+        """Verify and apply a pushed document. `already`: peers the sender says it is pushing the
+        same document to; we do not forward to them (or back to the source)."""
         if env.type == "membership-snapshot":
-            return await self.offer_snapshot(env, source)
+            return await self.offer_snapshot(env, source, already)
         if env.type == "revocation":
-            return await self.offer_revocation(env, source)
+            return await self.offer_revocation(env, source, already)
         return Verdict("rejected", "malformed", f"cannot push a {env.type} document")
 
     # -- forwarding ------------------------------------------------------------------------------------
-    def _forward(self, message: dict, exclude: PeerId | None) -> None:
+    def _forward(self, message: dict, already: frozenset, source: PeerId | None) -> None:
+        """Push once to every connected member not already covered. The message names everyone
+        covered (the sender's exclusion set, us, and our targets), so in a full mesh the first
+        node's round reaches everybody and nobody forwards again: N-1 pushes, not N²."""
         if self._nursery is None:
             return
-        targets = [
-            m.peer_id for m in self.members()
-            if m.peer_id not in (exclude, self.host.peer_id) and self.host.connection_to(m.peer_id) is not None
-        ]
+        me = self.host.peer_id
+        skip = set(already) | {me} | ({source} if source else set())
+        targets = [m.peer_id for m in self.members() if m.peer_id not in skip and self.host.connection_to(m.peer_id) is not None]
+        if not targets:
+            return
+        covered = sorted(str(p) for p in skip | set(targets))
         for peer in targets:
-            self._nursery.start_soon(self._push_quietly, peer, message)
+            self._nursery.start_soon(self._push_quietly, peer, {**message, "forwarded_to": covered})
 
     async def _push_quietly(self, peer: PeerId, message: dict) -> None:
         try:
@@ -197,20 +205,21 @@ class MembershipService:
     async def _serve_push(self, stream, conn) -> None:
         with trio.fail_after(REQUEST_TIMEOUT):
             raw = codec.decode_map(await MessageReader(stream, MAX_MESSAGE).one(), "push request")
+            already = _peer_set(raw.get("forwarded_to"))
             if "snapshot" in raw:
-                verdict = await self._offer_raw(raw["snapshot"], "membership-snapshot", conn.peer_id)
+                verdict = await self._offer_raw(raw["snapshot"], "membership-snapshot", conn.peer_id, already)
             elif "revocation" in raw:
-                verdict = await self._offer_raw(raw["revocation"], "revocation", conn.peer_id)
+                verdict = await self._offer_raw(raw["revocation"], "revocation", conn.peer_id, already)
             else:
                 verdict = Verdict("rejected", "malformed", "push request holds neither snapshot nor revocation")
             await send_message(stream, codec.encode(verdict.to_dict()), MAX_MESSAGE)
 
-    async def _offer_raw(self, raw: object, type_: str, source: PeerId) -> Verdict:
+    async def _offer_raw(self, raw: object, type_: str, source: PeerId, already: frozenset = frozenset()) -> Verdict:
         try:
             env = Envelope.from_dict(raw, type_)
         except DecodeError as exc:
             return self._reject("revocation" if type_ == "revocation" else "snapshot", "malformed", str(exc), source)
-        return await self.offer(env, source)
+        return await self.offer(env, source, already)
 
     async def _serve_pull(self, stream, conn) -> None:
         with trio.fail_after(REQUEST_TIMEOUT):
@@ -243,6 +252,21 @@ class MembershipService:
             await self.pull_from(conn)
         except (P2PNodeError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info(fmt("pull_failed", peer=conn.peer_id, reason=str(exc) or type(exc).__name__))
+
+
+def _peer_set(raw: object) -> frozenset:
+    """The optional `forwarded_to` list; entries that are not peer IDs are ignored (it only
+    narrows whom we forward to, so a wrong list can cost reach, never correctness of state)."""
+    if not isinstance(raw, list):
+        return frozenset()
+    out = set()
+    for item in raw[:MAX_FORWARDED_TO]:
+        if isinstance(item, str):
+            try:
+                out.add(PeerId.from_string(item))
+            except DecodeError:
+                continue
+    return frozenset(out)
 
 
 async def push(host, peer, message: dict, timeout: float = REQUEST_TIMEOUT) -> Verdict:

@@ -278,9 +278,10 @@ class Host:
                     self._nursery.start_soon(self._drain, c)
 
     async def _drain(self, conn: Connection) -> None:
+        """Close a superseded connection once its streams are done (at most 30 s)."""
         with trio.move_on_after(30):
-            while conn.muxer.stream_count:
-                await trio.sleep(0.05)
+            while conn.muxer.stream_count and not conn.is_closed:
+                await trio.sleep(0.5)
         await conn.muxer.aclose()
 
     async def _accept_streams(self, conn: Connection, nursery: trio.Nursery) -> None:

@@ -1,0 +1,570 @@
+"""`p2pnode-admin`: the operator's tool for a p2pnode cluster. Run `p2pnode-admin --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from p2pnode import bootstrap, codec, timefmt
+from p2pnode.cluster.documents import (
+    AdminProof, Member, Rejected, Revocation, Snapshot, Trust, system_key_from_text,
+    verify_admin_proof, verify_revocation, verify_snapshot,
+)
+from p2pnode.cluster.membership import push
+from p2pnode.cluster.status import fetch_status
+from p2pnode.envelope import Envelope, SignatureInvalid
+from p2pnode.errors import DecodeError, DialError, P2PNodeError
+from p2pnode.fsutil import atomic_write
+from p2pnode.host import open_host
+from p2pnode.identity import KeyFileError, KeyPair, PeerId
+from p2pnode.multiaddr import Multiaddr
+
+from . import bundle, keyfile
+
+DAY_NS = 86400 * timefmt.NS
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+class AdminError(P2PNodeError):
+    """A problem with the operator's input: printed as one line, exit code 2."""
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def emit(args, data: dict, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def new_key_file(path: Path, args, what: str) -> KeyPair:
+    key = KeyPair.generate()
+    secret = None
+    if args.encrypt or os.environ.get(args.passphrase_env):
+        secret = keyfile.passphrase(args.passphrase_env, confirm=True, what=what)
+        if not secret:
+            raise AdminError(f"--encrypt needs a passphrase: set ${args.passphrase_env} or run on a terminal")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keyfile.save(path, key, secret, fast=os.environ.get("P2PNODE_ADMIN_FAST_KDF") == "1")
+    return key
+
+
+def read_envelope(path: str, expected: str | None = None) -> Envelope:
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise AdminError(f"cannot read {path}: {exc.strerror}") from None
+    text = data.strip()
+    if text and all(c in b"0123456789abcdefABCDEF" for c in text):
+        data = bytes.fromhex(text.decode())
+    try:
+        return Envelope.from_bytes(data, expected)
+    except DecodeError as exc:
+        raise AdminError(f"{path}: not a signed p2pnode document: {exc}") from None
+
+
+def write_envelope(path: str, env: Envelope) -> None:
+    atomic_write(Path(path), env.to_bytes(), mode=0o644)
+
+
+def parse_member(spec: str) -> Member:
+    """`PEER_ID[;name=N][;addrs=MA,MA][;labels=a,b]`"""
+    parts = [p.strip() for p in spec.split(";") if p.strip()]
+    if not parts:
+        raise AdminError("--add needs a peer ID")
+    fields = {"peer_id": parts[0].removeprefix("peer=")}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("name", "addrs", "labels"):
+            raise AdminError(f"--add {spec!r}: expected PEER_ID;name=N;addrs=MA,MA;labels=a,b — not {part!r}")
+        fields[key] = value if key == "name" else [v for v in value.split(",") if v]
+    try:
+        return Member.from_dict(fields)
+    except DecodeError as exc:
+        raise AdminError(f"--add {spec!r}: {exc}") from None
+
+
+def load_members_file(path: str) -> list[Member]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdminError(f"members file {path}: {exc}") from None
+    items = raw.get("members") if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise AdminError(f"members file {path}: expected a list of members or {{\"members\": [...]}}")
+    try:
+        return [Member.from_dict(m) for m in items]
+    except DecodeError as exc:
+        raise AdminError(f"members file {path}: {exc}") from None
+
+
+def state_file(args) -> Path:
+    return Path(args.state_dir) / "last_snapshot"
+
+
+async def connect_target(host, target: str, dns_server: list[str]):
+    """A multiaddr, or a domain whose _dnsaddr records list nodes: the first that answers."""
+    if target.startswith("/"):
+        return await host.connect(Multiaddr.parse(target))
+    resolver = bootstrap.Resolver(dns_server)
+    addrs = await bootstrap.resolve_dnsaddr(resolver, target)
+    if not addrs:
+        raise AdminError(f"{target}: no _dnsaddr TXT records found")
+    errors = []
+    for addr in addrs:
+        try:
+            return await host.connect(addr)
+        except (DialError, P2PNodeError) as exc:
+            errors.append(str(exc))
+    raise DialError(f"no node of {target} answered: " + "; ".join(errors))
+
+
+# -- subcommands -----------------------------------------------------------------------------------
+def cmd_init_system(args) -> int:
+    path = Path(args.dir) / "system.key"
+    key = new_key_file(path, args, "the system key")
+    emit(args, {"system_pubkey": str(key.peer_id), "key_file": str(path), "encrypted": keyfile.is_encrypted(path)},
+         f"system_pubkey {key.peer_id}\nkey written to {path}{' (encrypted)' if keyfile.is_encrypted(path) else ''}\n"
+         "Put system_pubkey in every node's config; keep the key file offline.")
+    return 0
+
+
+def _proof(args, system: KeyPair, admin: PeerId) -> Envelope:
+    now = timefmt.now_ns()
+    start = timefmt.parse_ns(args.valid_from) if args.valid_from else now
+    proof = AdminProof("admin", args.cluster, admin, start, start + int(args.valid_days * DAY_NS), now)
+    return proof.sign(system)
+
+
+def cmd_new_admin(args) -> int:
+    system = keyfile.load(Path(args.system_key), args.passphrase_env)
+    path = Path(args.dir) / "admin.key"
+    admin = new_key_file(path, args, "the admin key")
+    proof = _proof(args, system, admin.peer_id)
+    proof_path = Path(args.dir) / "admin.proof"
+    write_envelope(str(proof_path), proof)
+    p = AdminProof.from_dict(proof.verify())
+    emit(args, {"admin_peer_id": str(admin.peer_id), "key_file": str(path), "proof_file": str(proof_path),
+                "cluster_id": args.cluster, "valid_from": timefmt.format_ns(p.valid_from_ns), "valid_until": timefmt.format_ns(p.valid_until_ns)},
+         f"admin {admin.peer_id}\nkey {path}\nproof {proof_path} (cluster {args.cluster}, valid until {timefmt.format_ns(p.valid_until_ns)})")
+    return 0
+
+
+def cmd_rotate(args) -> int:
+    system = keyfile.load(Path(args.system_key), args.passphrase_env)
+    try:
+        admin = PeerId.from_string(args.admin)
+    except DecodeError as exc:
+        raise AdminError(f"--admin: {exc}") from None
+    proof = _proof(args, system, admin)
+    write_envelope(args.out, proof)
+    p = AdminProof.from_dict(proof.verify())
+    emit(args, {"admin_peer_id": str(admin), "proof_file": args.out, "valid_until": timefmt.format_ns(p.valid_until_ns)},
+         f"new proof for {admin} written to {args.out}, valid until {timefmt.format_ns(p.valid_until_ns)}")
+    return 0
+
+
+def cmd_new_node(args) -> int:
+    path = Path(args.dir) / "node.key"
+    if path.exists():
+        raise AdminError(f"{path} already exists; refusing to overwrite a node key")
+    key = KeyPair.generate()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keyfile.save(path, key, None)  # nodes start unattended: their key is not passphrase-protected
+    emit(args, {"peer_id": str(key.peer_id), "key_file": str(path)}, f"peer_id {key.peer_id}\nkey written to {path}")
+    return 0
+
+
+async def _fetch_current(target: str, dns_server) -> Envelope | None:
+    from p2pnode.cluster.membership import PULL, MAX_MESSAGE
+    from p2pnode.streamio import MessageReader, send_message
+
+    async with open_host(KeyPair.generate()) as host:
+        conn = await connect_target(host, target, dns_server)
+        stream = await host.new_stream(conn, PULL)
+        await send_message(stream, codec.encode({"have": "", "revocations": []}), MAX_MESSAGE)
+        reply = codec.decode_map(await MessageReader(stream, MAX_MESSAGE).one(), "pull reply")
+        await stream.aclose()
+    return Envelope.from_dict(reply["snapshot"], "membership-snapshot") if reply.get("snapshot") else None
+
+
+def cmd_snapshot(args) -> int:
+    admin = keyfile.load(Path(args.admin_key), args.passphrase_env)
+    proof_env = read_envelope(args.proof, "admin-proof")
+    proof = AdminProof.from_dict(proof_env.verify())
+    if proof.admin_peer_id != admin.peer_id:
+        raise AdminError(f"{args.proof} is a proof for {proof.admin_peer_id}, not for this admin key ({admin.peer_id})")
+    base: Snapshot | None = None
+    if args.base:
+        env = trio.run(_fetch_current, args.base, args.dns_server) if not Path(args.base).exists() else read_envelope(args.base)
+        if env is not None:
+            base = Snapshot.from_dict(env.verify())
+    members: dict[PeerId, Member] = {m.peer_id: m for m in (base.members if base else ())}
+    if args.members:
+        members = {m.peer_id: m for m in load_members_file(args.members)}
+    for spec in args.add or []:
+        m = parse_member(spec)
+        members[m.peer_id] = m
+    for text in args.remove or []:
+        try:
+            pid = PeerId.from_string(text)
+        except DecodeError as exc:
+            raise AdminError(f"--remove: {exc}") from None
+        if members.pop(pid, None) is None:
+            raise AdminError(f"--remove {text}: not a member")
+    now = timefmt.now_ns()
+    known = []
+    if base is not None:
+        known.append(base.issued_at_ns)
+    last = state_file(args)
+    if last.exists():
+        try:
+            known.append(timefmt.parse_ns(json.loads(last.read_text())["issued_at"]))
+        except (ValueError, KeyError, DecodeError):
+            pass
+    if known and now <= max(known):
+        raise AdminError(
+            f"refusing to sign: the newest snapshot known here was issued at {timefmt.format_ns(max(known))}, "
+            f"not before this one ({timefmt.format_ns(now)}); check this machine's clock"
+        )
+    if not proof.valid_from_ns <= now <= proof.valid_until_ns:
+        raise AdminError(f"the admin proof is not valid now (valid {timefmt.format_ns(proof.valid_from_ns)} to "
+                         f"{timefmt.format_ns(proof.valid_until_ns)}); ask for a new one with `p2pnode-admin rotate`")
+    snap = Snapshot(proof.cluster_id, now, admin.peer_id, tuple(members.values()), proof_env)
+    env = snap.sign(admin)
+    write_envelope(args.out, env)
+    last.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(last, json.dumps({"issued_at": snap.issued_at, "cluster_id": snap.cluster_id}).encode(), mode=0o600)
+    emit(args, {"file": args.out, "issued_at": snap.issued_at, "cluster_id": snap.cluster_id, "members": len(snap.members)},
+         f"snapshot of {len(snap.members)} members for cluster {snap.cluster_id}, issued at {snap.issued_at}, written to {args.out}")
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    system = keyfile.load(Path(args.system_key), args.passphrase_env)
+    try:
+        admins = tuple(PeerId.from_string(a) for a in args.admin)
+    except DecodeError as exc:
+        raise AdminError(f"--admin: {exc}") from None
+    env = Revocation(args.cluster, timefmt.now_ns(), admins, args.reason or "").sign(system)
+    write_envelope(args.out, env)
+    emit(args, {"file": args.out, "admins": [str(a) for a in admins]},
+         f"revocation of {len(admins)} admin(s) written to {args.out}; publish it with `p2pnode-admin publish {args.out} --to …`")
+    return 0
+
+
+async def _publish(args) -> int:
+    env = read_envelope(args.file)
+    if env.type not in ("membership-snapshot", "revocation"):
+        raise AdminError(f"{args.file} is a {env.type}; only snapshots and revocations are published")
+    key = "snapshot" if env.type == "membership-snapshot" else "revocation"
+    try:
+        payload = env.verify()
+        snap = Snapshot.from_dict(payload) if key == "snapshot" else None
+    except DecodeError as exc:
+        if not args.force:
+            emit(args, {"result": "not_sent", "code": "bad_signature" if isinstance(exc, SignatureInvalid) else "malformed",
+                        "reason": str(exc)}, f"not sent: {exc} (use --force to send it anyway)")
+            return EXIT_INVALID
+        snap = None
+    async with open_host(KeyPair.generate()) as host:
+        with trio.fail_after(args.timeout):
+            conn = await connect_target(host, args.to, args.dns_server)
+            verdict = await push(host, conn, {key: env.to_dict()})
+        progress(args, f"{conn.peer_id}: {verdict.result}{' (' + verdict.code + ': ' + verdict.reason + ')' if verdict.code else ''}")
+        if verdict.result == "rejected":
+            emit(args, {"result": "rejected", "code": verdict.code, "reason": verdict.reason},
+                 f"rejected by {conn.peer_id}: {verdict.code}: {verdict.reason}")
+            return EXIT_INVALID
+        if snap is None or args.no_wait:
+            emit(args, {"result": verdict.result, "node": str(conn.peer_id)}, f"{verdict.result} by {conn.peer_id}")
+            return 0
+        held, missing = await _wait_held(host, conn, snap, args)
+    data = {"result": verdict.result, "issued_at": snap.issued_at, "members": len(snap.members), "holding": len(held),
+            "missing": [str(p) for p in missing]}
+    text = f"{len(held)} of {len(snap.members)} members hold the snapshot issued at {snap.issued_at}"
+    if missing:
+        text += "\nnot confirmed: " + ", ".join(str(p) for p in missing)
+    emit(args, data, text)
+    return 0 if not missing else EXIT_INVALID
+
+
+def progress(args, line: str) -> None:
+    if not args.json:
+        print(line, file=sys.stderr, flush=True)
+
+
+async def _wait_held(host, first_conn, snap: Snapshot, args) -> tuple[list[PeerId], list[PeerId]]:
+    """Ask every member (directly) which snapshot it holds, until all hold ours or time runs out."""
+    held: set[PeerId] = set()
+    deadline = trio.current_time() + args.timeout
+
+    async def ask(member: Member) -> None:
+        try:
+            with trio.move_on_after(5):
+                conn = first_conn if member.peer_id == first_conn.peer_id else await host.connect_peer(member.peer_id, list(member.addrs))
+                view = await fetch_status(host, conn)
+                if view.get("snapshot_issued_at") == snap.issued_at:
+                    held.add(member.peer_id)
+        except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    while True:
+        async with trio.open_nursery() as nursery:
+            for m in snap.members:
+                if m.peer_id not in held:
+                    nursery.start_soon(ask, m)
+        progress(args, f"  {len(held)}/{len(snap.members)} members hold it")
+        if len(held) == len(snap.members) or trio.current_time() >= deadline:
+            break
+        await trio.sleep(min(1.0, max(0.0, deadline - trio.current_time())))
+    return [m.peer_id for m in snap.members if m.peer_id in held], [m.peer_id for m in snap.members if m.peer_id not in held]
+
+
+def cmd_publish(args) -> int:
+    return trio.run(_publish, args)
+
+
+def cmd_bundle_export(args) -> int:
+    admin = keyfile.load(Path(args.admin_key), args.passphrase_env)
+    proof_env = read_envelope(args.proof, "admin-proof")
+    proof = AdminProof.from_dict(proof_env.verify())
+    fields = {
+        "cluster_id": proof.cluster_id,
+        "system_pubkey": args.system_pubkey or "",
+        "admin_key": admin.to_protobuf().hex(),
+        "admin_proof": proof_env.to_bytes().hex(),
+        "bootstrap": args.bootstrap or [],
+    }
+    if not fields["system_pubkey"]:
+        raise AdminError("--system-pubkey is required (the 12D3KooW… printed by init-system)")
+    text = bundle.export(fields)
+    emit(args, {"bundle": text}, text)
+    return 0
+
+
+def cmd_bundle_import(args) -> int:
+    try:
+        data = bundle.parse(args.bundle if args.bundle != "-" else sys.stdin.read())
+        admin = KeyPair.from_protobuf(bytes.fromhex(data["admin_key"]))
+        proof_env = Envelope.from_bytes(bytes.fromhex(data["admin_proof"]), "admin-proof")
+    except (DecodeError, ValueError) as exc:
+        raise AdminError(f"bad bundle: {exc}") from None
+    d = Path(args.dir)
+    key_path = d / "admin.key"
+    secret = None
+    if args.encrypt or os.environ.get(args.passphrase_env):
+        secret = keyfile.passphrase(args.passphrase_env, confirm=True, what="the admin key")
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keyfile.save(key_path, admin, secret, fast=os.environ.get("P2PNODE_ADMIN_FAST_KDF") == "1")
+    write_envelope(str(d / "admin.proof"), proof_env)
+    meta = {k: data[k] for k in ("cluster_id", "system_pubkey", "bootstrap") if k in data}
+    atomic_write(d / "bundle.json", (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
+    emit(args, {"admin_peer_id": str(admin.peer_id), **meta, "dir": str(d)},
+         f"admin {admin.peer_id} for cluster {data['cluster_id']} written to {d}/ (admin.key, admin.proof, bundle.json)")
+    return 0
+
+
+def cmd_dnsaddr(args) -> int:
+    addrs: list[Multiaddr] = []
+    if args.snapshot:
+        snap = Snapshot.from_dict(read_envelope(args.snapshot, "membership-snapshot").verify())
+        addrs += [a.with_peer_id(m.peer_id) for m in snap.members for a in m.addrs]
+    for text in args.multiaddr:
+        try:
+            addr = Multiaddr.parse(text)
+        except DecodeError as exc:
+            raise AdminError(str(exc)) from None
+        if addr.peer_id is None:
+            raise AdminError(f"{text}: needs /p2p/<peer id> so nodes know whom they reach")
+        addrs.append(addr)
+    if not addrs:
+        raise AdminError("give node multiaddrs (with /p2p/…) or --snapshot FILE")
+    name = f"_dnsaddr.{args.domain.rstrip('.')}."
+    records = [f"dnsaddr={a}" for a in addrs]
+    lines = [f'{name} {args.ttl} IN TXT "{r}"' for r in records]
+    emit(args, {"name": name, "ttl": args.ttl, "records": records}, "\n".join(lines))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    env = read_envelope(args.file)
+    system_key = None
+    if args.system_pubkey:
+        try:
+            system_key = system_key_from_text(args.system_pubkey)
+        except DecodeError as exc:
+            raise AdminError(f"--system-pubkey: {exc}") from None
+    trust = Trust(args.cluster or "", system_key)
+    info: dict = {"type": env.type, "signer": str(env.signer_id), "digest": env.digest()}
+    lines = [f"type    {env.type}", f"signer  {env.signer_id}"]
+    now = timefmt.now_ns()
+    try:
+        payload = env.verify()
+        info["signature"] = "valid"
+        lines.append("sig     valid")
+        if env.type == "membership-snapshot":
+            snap = Snapshot.from_dict(payload)
+            info.update(snap.to_dict())
+            info.pop("admin_proof", None)
+            lines += [f"cluster {snap.cluster_id}", f"issued  {snap.issued_at}", f"members {len(snap.members)}"]
+            lines += [f"  {m.peer_id}  {m.name or '-'}  {','.join(m.labels) or '-'}  {' '.join(str(a) for a in m.addrs) or '-'}" for m in snap.members]
+            if system_key is None:
+                lines.append("proof   not checked (give --system-pubkey to check the admin proof)")
+            verify_snapshot(env, trust, now)
+            if system_key is not None:
+                lines.append("proof   valid for this issuer, cluster and time")
+        elif env.type == "admin-proof":
+            proof = AdminProof.from_dict(payload)
+            info.update(proof.to_dict())
+            lines += [f"admin   {proof.admin_peer_id}", f"cluster {proof.cluster_id}", f"role    {proof.role}",
+                      f"valid   {timefmt.format_ns(proof.valid_from_ns)} to {timefmt.format_ns(proof.valid_until_ns)}"]
+            if system_key is not None:
+                verify_admin_proof(env, trust, cluster_id=args.cluster or proof.cluster_id, admin=proof.admin_peer_id, at_ns=now)
+            if not proof.valid_from_ns <= now <= proof.valid_until_ns:
+                raise Rejected("proof_expired", "the proof is not valid at this time")
+        elif env.type == "revocation":
+            rev = Revocation.from_dict(payload)
+            info.update(rev.to_dict())
+            lines += [f"cluster {rev.cluster_id}", "revokes " + ", ".join(str(a) for a in rev.admins)]
+            if system_key is not None:
+                verify_revocation(env, trust, now)
+        else:
+            info["payload"] = payload
+            lines.append(json.dumps(payload, indent=2, default=str))
+    except Rejected as exc:
+        info.update(valid=False, code=exc.code, reason=str(exc))
+        emit(args, info, "\n".join(lines) + f"\nINVALID ({exc.code}): {exc}")
+        return EXIT_INVALID
+    except SignatureInvalid as exc:
+        info.update(valid=False, code="bad_signature", reason=str(exc))
+        emit(args, info, "\n".join(lines) + f"\nINVALID (bad_signature): {exc}")
+        return EXIT_INVALID
+    except DecodeError as exc:
+        info.update(valid=False, code="malformed", reason=str(exc))
+        emit(args, info, "\n".join(lines) + f"\nINVALID (malformed): {exc}")
+        return EXIT_INVALID
+    info["valid"] = True
+    emit(args, info, "\n".join(lines) + "\nVALID")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    common.add_argument("--passphrase-env", default=keyfile.DEFAULT_PASSPHRASE_ENV, metavar="VAR",
+                        help="environment variable holding the key passphrase (default %(default)s); otherwise asked on the terminal")
+    enc = argparse.ArgumentParser(add_help=False)
+    enc.add_argument("--encrypt", action="store_true", help="encrypt the new key with a passphrase (also implied when the passphrase variable is set)")
+    net = argparse.ArgumentParser(add_help=False)
+    net.add_argument("--dns-server", action="append", default=[], metavar="HOST:PORT", help="resolve dnsaddr domains through this server")
+    validity = argparse.ArgumentParser(add_help=False)
+    validity.add_argument("--cluster", required=True, help="cluster ID the proof is for")
+    validity.add_argument("--valid-days", type=float, default=365, help="how long the proof is valid (default 365)")
+    validity.add_argument("--valid-from", help="RFC 3339 start of validity (default: now)")
+
+    parser = argparse.ArgumentParser(prog="p2pnode-admin", description=(
+        "Administer a p2pnode cluster: keys, admin proofs, membership snapshots, revocations. "
+        "Trust chain: the system key signs admin proofs and revocations; an admin signs snapshots."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-system", parents=[common, enc], help="create the cluster's system key; prints system_pubkey")
+    p.add_argument("--dir", default=".", help="where to write system.key (default: .)")
+    p.set_defaults(func=cmd_init_system)
+
+    p = sub.add_parser("new-admin", parents=[common, enc, validity], help="create an admin key and its proof signed by the system key")
+    p.add_argument("--system-key", required=True, help="system.key from init-system")
+    p.add_argument("--dir", default=".", help="where to write admin.key and admin.proof")
+    p.set_defaults(func=cmd_new_admin)
+
+    p = sub.add_parser("rotate", parents=[common, validity], help="issue a new proof for an existing admin (renewal)")
+    p.add_argument("--system-key", required=True)
+    p.add_argument("--admin", required=True, help="the admin's peer ID")
+    p.add_argument("--out", required=True, help="file for the new proof")
+    p.set_defaults(func=cmd_rotate)
+
+    p = sub.add_parser("new-node", parents=[common], help="create a node key (pre-provisioning); prints its peer ID")
+    p.add_argument("--dir", default=".", help="where to write node.key (a node's data dir)")
+    p.set_defaults(func=cmd_new_node)
+
+    p = sub.add_parser("snapshot", parents=[common, net], help="build and sign a membership snapshot", description=(
+        "Build a snapshot from --base (a snapshot file, or a node's multiaddr/domain to fetch the current one), "
+        "a --members file (JSON list of {peer_id, name, addrs, labels}), --add and --remove; sign it with the admin "
+        "key. Refuses to sign one not newer than the newest it knows of."))
+    p.add_argument("--admin-key", required=True)
+    p.add_argument("--proof", required=True, help="admin.proof")
+    p.add_argument("--base", help="start from this snapshot file, or from the current one of this node (multiaddr or domain)")
+    p.add_argument("--members", help="JSON members file; replaces the base's members")
+    p.add_argument("--add", action="append", metavar="SPEC", help="PEER_ID;name=N;addrs=MA,MA;labels=a,b (repeatable)")
+    p.add_argument("--remove", action="append", metavar="PEER_ID", help="remove a member (repeatable)")
+    p.add_argument("--state-dir", default=os.path.expanduser("~/.config/p2pnode-admin"), help="where the newest signed snapshot's time is kept")
+    p.add_argument("--out", required=True, help="file to write the signed snapshot to")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("publish", parents=[common, net], help="push a snapshot or revocation to a node, then wait for the members", description=(
+        "Dial TO (a multiaddr, or a domain whose _dnsaddr records list nodes), push FILE, and for a snapshot ask each "
+        "member which snapshot it holds until all hold this one or --timeout passes. Exit 0 when all do."))
+    p.add_argument("file")
+    p.add_argument("--to", required=True, metavar="MULTIADDR|DOMAIN")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--no-wait", action="store_true", help="return after the first node's verdict")
+    p.add_argument("--force", action="store_true", help="send even if the document does not verify here (to see what a node says)")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("revoke", parents=[common], help="revoke admins (signed by the system key)")
+    p.add_argument("--system-key", required=True)
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--admin", action="append", required=True, help="admin peer ID to revoke (repeatable)")
+    p.add_argument("--reason", help="free text, kept in the document")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_revoke)
+
+    b = sub.add_parser("bundle", help="export or import the admin bundle (p2pnode-admin://…)")
+    bsub = b.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    p = bsub.add_parser("export", parents=[common], help="print the admin bundle: it contains the admin's private key")
+    p.add_argument("--admin-key", required=True)
+    p.add_argument("--proof", required=True)
+    p.add_argument("--system-pubkey", required=True)
+    p.add_argument("--bootstrap", action="append", help="a domain or multiaddr to reach the cluster (repeatable)")
+    p.set_defaults(func=cmd_bundle_export)
+    p = bsub.add_parser("import", parents=[common, enc], help="write admin.key, admin.proof and bundle.json from a bundle")
+    p.add_argument("bundle", help="the p2pnode-admin://… string, or - to read it from stdin")
+    p.add_argument("--dir", default=".")
+    p.set_defaults(func=cmd_bundle_import)
+
+    p = sub.add_parser("dnsaddr", parents=[common], help="print the _dnsaddr TXT records to publish for nodes")
+    p.add_argument("--domain", required=True, help="the bootstrap domain (nodes use init_connections dns:<domain>)")
+    p.add_argument("--snapshot", help="take the nodes and addresses from this snapshot")
+    p.add_argument("--ttl", type=int, default=300)
+    p.add_argument("multiaddr", nargs="*", help="node multiaddrs with /p2p/<peer id>")
+    p.set_defaults(func=cmd_dnsaddr)
+
+    p = sub.add_parser("inspect", parents=[common], help="decode and verify any signed object; say why it is (in)valid")
+    p.add_argument("file", help="file (binary CBOR or hex), or - for stdin")
+    p.add_argument("--system-pubkey", help="check admin proofs and revocations against this system key")
+    p.add_argument("--cluster", help="expected cluster ID")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AdminError, KeyFileError) as exc:
+        print(f"p2pnode-admin: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except trio.TooSlowError:
+        print(f"p2pnode-admin: {args.command}: timed out", file=sys.stderr)
+        return EXIT_INVALID
+    except (DecodeError, P2PNodeError, OSError) as exc:
+        print(f"p2pnode-admin: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+if __name__ == "__main__":
+    sys.exit(main())
