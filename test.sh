@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. On a fresh machine it first installs what the tests need:
-# Node.js (for the js-libp2p interop peer) and the system tools via apt-get when run as root,
+# Node.js (the js-libp2p interop peer), dnsmasq (a real DNS server for bootstrap tests),
+# iproute2 (hosts in network namespaces) and systemd-analyze, via apt-get when run as root;
 # a virtualenv in .venv with p2pnode and its test dependencies, and tests/interop's npm packages.
 # Extra arguments go to pytest (e.g. ./test.sh -k yamux).
 set -euo pipefail
@@ -9,6 +10,8 @@ cd "$(dirname "$0")"
 need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)  # DNS TXT bootstrap tests
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)                                        # network-namespace hosts
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)                            # verifying the unit
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need_apt[*]} with apt-get" >&2

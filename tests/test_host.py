@@ -272,3 +272,13 @@ async def test_ws_and_tcp_on_one_host(make_host):
         await ping.ping(b, await b.connect(tcp))
         await ping.ping(c, await c.connect(ws))
         assert {x.remote_addr.protocols()[-1] for x in a.connections()} == {"tcp", "ws"}
+
+
+async def test_wildcard_listen_is_announced_as_interface_addresses(make_host):
+    async with make_host("/ip4/0.0.0.0/tcp/0") as a, make_host() as b:
+        port = a.listen_addrs[0].value_for("tcp")
+        announced = [str(x) for x in a.full_addrs()]
+        assert f"/ip4/127.0.0.1/tcp/{port}/p2p/{a.peer_id}" in announced
+        assert not any("/0.0.0.0/" in x for x in announced)
+        record = await identify.identify(b, await b.connect(announced[-1]))
+        assert {str(x) for x in record.listen_multiaddrs()} == {x.rsplit("/p2p/", 1)[0] for x in announced}

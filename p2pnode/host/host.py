@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from .. import netif
 from ..errors import ConnectionClosed, DialError, HandshakeError, P2PNodeError, ProtocolError, StreamReset
 from ..identity import KeyPair, PeerId
 from ..logfmt import fmt
@@ -120,8 +121,19 @@ class Host:
     def connected_peers(self) -> list[PeerId]:
         return [p for p in self._conns if self.connection_to(p) is not None]
 
+    def announce_addrs(self) -> list[Multiaddr]:
+        """Listen addresses as peers can dial them: a wildcard becomes each interface address."""
+        out: list[Multiaddr] = []
+        for addr in self.listen_addrs:
+            proto, host = addr.components[0]
+            for ip in netif.expand(host):
+                expanded = Multiaddr(((proto, ip),) + addr.components[1:])
+                if expanded not in out:
+                    out.append(expanded)
+        return out
+
     def full_addrs(self) -> list[Multiaddr]:
-        return [a.with_peer_id(self.peer_id) for a in self.listen_addrs]
+        return [a.with_peer_id(self.peer_id) for a in self.announce_addrs()]
 
     # -- lifetime --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

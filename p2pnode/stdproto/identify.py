@@ -92,7 +92,7 @@ def local_record(host, conn) -> IdentifyRecord:
         protocol_version=PROTOCOL_VERSION,
         agent_version=AGENT_VERSION,
         public_key=host.identity.public_key.to_protobuf(),
-        listen_addrs=tuple(a.to_bytes() for a in host.listen_addrs),
+        listen_addrs=tuple(a.to_bytes() for a in host.announce_addrs()),
         observed_addr=conn.remote_addr.to_bytes(),
         protocols=tuple(host.protocols),
     )
