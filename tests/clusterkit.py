@@ -20,16 +20,22 @@ from p2pnode.transport.upgrade import UpgradeLimits
 HOUR = 3600 * timefmt.NS
 
 
+_handed_out: set[int] = set()
+
+
 def free_tcp_port() -> int:
     """A port to listen on later. Taken from below the kernel's ephemeral range, so that an
     outgoing connection made meanwhile cannot be holding it when the node binds."""
     for _ in range(200):
         port = random.randrange(20000, 32000)
+        if port in _handed_out:  # bindable, but promised to another node of this process already
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise RuntimeError("no free port in 20000-32000")
 

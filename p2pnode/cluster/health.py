@@ -36,11 +36,23 @@ class Health:
         self.changed = trio.Event()
         host.on_connected(lambda conn: self.heard(conn.peer_id))
         host.on_disconnected(lambda conn: self.recompute("disconnected"))
-        membership.on_change(lambda snap: self.recompute("membership"))
+        membership.on_change(self._on_membership)
+
+    def _on_membership(self, snap) -> None:
+        # Peers that just became members have sent no heartbeats yet (non-members don't): a live
+        # connection is our evidence for them until their first heartbeat, one interval away.
+        now = trio.current_time()
+        for m in snap.members:
+            if self.host.connection_to(m.peer_id) is not None:
+                self.last_heard[m.peer_id] = max(self.last_heard.get(m.peer_id, now), now)
+        self.recompute("membership")
 
     def heard(self, peer_id: PeerId) -> None:
-        self.last_heard[peer_id] = trio.current_time()
-        self.recompute("heard")
+        now = trio.current_time()
+        was_online = self.is_online(peer_id, now)
+        self.last_heard[peer_id] = now
+        if not was_online:  # a heartbeat from a member already online changes nothing
+            self.recompute("heard")
 
     def is_online(self, peer_id: PeerId, now: float) -> bool:
         if self.host.connection_to(peer_id) is None:

@@ -391,8 +391,11 @@ class YamuxConnection:
             raise ConnectionClosed(str(exc)) from None
         stream = YamuxStream(self, sid)
         self._streams[sid] = stream
-        self._kick_writer()  # the SYN goes out now, even before the stream's first write
-        await trio.lowlevel.checkpoint()
+        # The SYN is queued: it rides in front of the stream's first write (usually the
+        # multistream proposal, right away), or the writer task sends it alone if none follows.
+        # Not yielding here is what lets the first write take it.
+        self._kick_writer()
+        await trio.lowlevel.checkpoint_if_cancelled()
         return stream
 
     async def ping(self, timeout: float = 10.0) -> float:
