@@ -1,6 +1,7 @@
 """Noise XX sans-IO core: handshake, identity binding, tampering, framing, the spec vector file."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from p2pnode.identity import KeyPair
 from p2pnode.transport import noise
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors" / "noise-xx.json"
+sys.path.insert(0, str(VECTORS.parent))
+import make_noise_vector  # noqa: E402
 
 
 def handshake(init: noise.NoiseConnection, resp: noise.NoiseConnection):
@@ -137,31 +140,9 @@ def test_fuzz_initiator(msg2):
 
 
 def test_vector_file_reproduces_exactly():
-    """protocols/vectors/noise-xx.json: fixed keys → the exact bytes on the wire."""
+    """protocols/vectors/noise-xx.json: fixed keys → the exact bytes on the wire (the generator
+    also checks that both sides authenticated each other)."""
+    assert make_noise_vector.build() == json.loads(VECTORS.read_text())
     v = json.loads(VECTORS.read_text())
-    a = KeyPair.from_seed(bytes.fromhex(v["initiator"]["identity_seed"]))
-    b = KeyPair.from_seed(bytes.fromhex(v["responder"]["identity_seed"]))
-    init = noise.NoiseConnection(
-        a, initiator=True,
-        static_private=bytes.fromhex(v["initiator"]["static_private"]),
-        ephemeral_private=bytes.fromhex(v["initiator"]["ephemeral_private"]),
-    )
-    resp = noise.NoiseConnection(
-        b, initiator=False,
-        static_private=bytes.fromhex(v["responder"]["static_private"]),
-        ephemeral_private=bytes.fromhex(v["responder"]["ephemeral_private"]),
-    )
-    init.start()
-    msg1 = init.data_to_send()
-    resp.receive_data(msg1)
-    msg2 = resp.data_to_send()
-    init.receive_data(msg2)
-    msg3 = init.data_to_send()
-    resp.receive_data(msg3)
-    transport = init.encrypt(bytes.fromhex(v["transport_plaintext"]))
-    assert msg1.hex() == v["message1"]
-    assert msg2.hex() == v["message2"]
-    assert msg3.hex() == v["message3"]
-    assert transport.hex() == v["transport_frame"]
-    assert str(resp.remote.remote_peer) == v["initiator"]["peer_id"]
-    assert str(init.remote.remote_peer) == v["responder"]["peer_id"]
+    assert v["message1"][:4] == "0020"  # message 1 is the bare 32-byte ephemeral key
+    assert len(bytes.fromhex(v["transport_frame"])) == 2 + len(bytes.fromhex(v["transport_plaintext"])) + noise.TAG_LEN

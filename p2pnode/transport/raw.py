@@ -53,6 +53,13 @@ def endpoint_of(maddr: Multiaddr) -> Endpoint:
     return Endpoint(maddr.value_for(host_proto), int(maddr.value_for("tcp")), families[host_proto], kind)
 
 
+def take(pending: bytes, max_bytes: int | None) -> tuple[bytes, bytes]:
+    """Split buffered bytes into what receive_some(max_bytes) returns and what stays buffered."""
+    if max_bytes is None or len(pending) <= max_bytes:
+        return pending, b""
+    return pending[:max_bytes], pending[max_bytes:]
+
+
 class WebSocketStream(trio.abc.Stream):
     """A trio Stream over a trio-websocket connection: one binary message per write."""
 
@@ -81,10 +88,7 @@ class WebSocketStream(trio.abc.Stream):
                 if message:
                     self._pending = message
                     break
-        if max_bytes is None or len(self._pending) <= max_bytes:
-            data, self._pending = self._pending, b""
-        else:
-            data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        data, self._pending = take(self._pending, max_bytes)
         return data
 
     async def aclose(self) -> None:

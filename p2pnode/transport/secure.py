@@ -8,7 +8,7 @@ import trio
 from ..errors import HandshakeError
 from ..identity import KeyPair, PeerId
 from .noise import HandshakeComplete, NoiseConnection
-from .raw import RECEIVE_SIZE
+from .raw import RECEIVE_SIZE, take
 
 
 class NoiseStream(trio.abc.Stream):
@@ -30,10 +30,7 @@ class NoiseStream(trio.abc.Stream):
             if not data:
                 return b""
             _, self._pending = self._noise.receive_data(data)
-        if max_bytes is None or len(self._pending) <= max_bytes:
-            out, self._pending = self._pending, b""
-        else:
-            out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        out, self._pending = take(self._pending, max_bytes)
         return out
 
     async def aclose(self) -> None:

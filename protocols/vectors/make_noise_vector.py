@@ -17,9 +17,10 @@ KEYS = {
 PLAINTEXT = b"/p2pnode test vector".hex()
 
 
-def main() -> None:
+def build() -> dict:
     conns = {}
-    for role, keys in KEYS.items():
+    keys_by_role = {role: dict(keys) for role, keys in KEYS.items()}
+    for role, keys in keys_by_role.items():
         identity = KeyPair.from_seed(bytes.fromhex(keys["identity_seed"]))
         keys["peer_id"] = str(identity.peer_id)
         conns[role] = NoiseConnection(
@@ -35,17 +36,22 @@ def main() -> None:
     init.receive_data(msg2)
     msg3 = init.data_to_send()
     resp.receive_data(msg3)
-    vector = {
+    assert str(resp.remote.remote_peer) == keys_by_role["initiator"]["peer_id"]
+    assert str(init.remote.remote_peer) == keys_by_role["responder"]["peer_id"]
+    return {
         "description": "Noise_XX_25519_ChaChaPoly_SHA256 with libp2p payloads; every message includes its 2-byte length prefix",
-        **KEYS,
+        **keys_by_role,
         "message1": msg1.hex(),
         "message2": msg2.hex(),
         "message3": msg3.hex(),
         "transport_plaintext": PLAINTEXT,
         "transport_frame": init.encrypt(bytes.fromhex(PLAINTEXT)).hex(),
     }
+
+
+def main() -> None:
     out = Path(__file__).with_name("noise-xx.json")
-    out.write_text(json.dumps(vector, indent=2) + "\n")
+    out.write_text(json.dumps(build(), indent=2) + "\n")
     print(f"wrote {out}")
 
 
