@@ -31,7 +31,7 @@ Options:
   --admin-dir DIR        where --new-system writes the admin material (default PREFIX/admin);
                          move it off this server afterwards. Set P2PNODE_ADMIN_PASSPHRASE to
                          encrypt the keys.
-  --listen MULTIADDR     listen address (repeatable; default TCP 4100 and WebSocket 4101)
+  --listen MULTIADDR     listen address (repeatable; default TCP and WebSocket on 4100)
   --dns-server H:P       DNS server for bootstrap lookups (repeatable)
   --heartbeat SECONDS    heartbeat interval (default 30)
   --start                after installing, run the node in the foreground (quick start)

@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a node in the foreground", description=(
         "Run a node. On first start it writes <data-dir>/config.json with defaults (TCP 4100, "
-        "WebSocket 4101) and a new Ed25519 key <data-dir>/node.key (mode 0600). Prints its full "
+        "WebSocket, both on 4100) and a new Ed25519 key <data-dir>/node.key (mode 0600). Prints its full "
         "multiaddrs (with /p2p/<peer id>) on stdout and logs in logfmt on stderr; SIGTERM or "
         "Ctrl-C stops it cleanly (go-away sent to every peer)."))
     run.add_argument("--data-dir", default=default_data_dir(), help="data directory (default: $P2PNODE_DATA_DIR or ./.p2pnode)")

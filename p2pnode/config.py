@@ -17,7 +17,7 @@ from .errors import DecodeError, P2PNodeError
 from .fsutil import atomic_write
 from .multiaddr import Multiaddr
 
-DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4101/ws")
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4100/ws")  # one port: TCP and WebSocket
 NETWORK_MODES = ("public", "private", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFIG_NAME = "config.json"

@@ -47,7 +47,7 @@ def test_run_creates_key_and_config_and_logs_addrs(node, tmp_path):
     key = tmp_path / "data" / "node.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     config = json.loads((tmp_path / "data" / "config.json").read_text())
-    assert config["listen"] == ["/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4101/ws"]  # the file keeps the defaults
+    assert config["listen"] == ["/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4100/ws"]  # the file keeps the defaults
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
     err = proc.stderr.read()

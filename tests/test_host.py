@@ -278,3 +278,18 @@ async def test_wildcard_listen_is_announced_as_interface_addresses(make_host):
         assert not any("/0.0.0.0/" in x for x in announced)
         record = await identify.identify(b, await b.connect(announced[-1]))
         assert {str(x) for x in record.listen_multiaddrs()} == {x.rsplit("/p2p/", 1)[0] for x in announced}
+
+
+async def test_tcp_and_websocket_share_one_port(make_host):
+    from clusterkit import free_tcp_port
+
+    port = free_tcp_port()
+    async with make_host(f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/127.0.0.1/tcp/{port}/ws") as a, make_host() as b, make_host() as c:
+        assert [str(x) for x in a.listen_addrs] == [f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/127.0.0.1/tcp/{port}/ws"]
+        tcp, ws = a.full_addrs()
+        assert await ping.ping(b, await b.connect(tcp)) and await ping.ping(c, await c.connect(ws))
+        assert sorted(x.remote_addr.protocols()[-1] for x in a.connections()) == ["tcp", "ws"]
+        # a client that connects and never speaks is dropped after the sniff timeout, others unaffected
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await ping.ping(b, b.connection_to(a.peer_id))
+        await idle.aclose()

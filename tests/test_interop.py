@@ -78,3 +78,15 @@ async def test_js_dials_wrong_peer_id_fails(make_host, js):
             await js.call("ping", addr=wrong, count=1)
         # and we are still fine for everyone else
         assert (await js.call("ping", addr=_our_addr(h, "tcp"), count=1))["rtts"]
+
+
+async def test_js_dials_tcp_and_ws_on_one_shared_port(make_host, js):
+    from clusterkit import free_tcp_port
+
+    port = free_tcp_port()
+    async with make_host(f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/127.0.0.1/tcp/{port}/ws") as h:
+        for kind in KINDS:
+            reply = await js.call("identify", addr=_our_addr(h, kind))
+            assert reply["peerId"] == str(h.peer_id)
+            assert sorted(reply["listenAddrs"]) == sorted([f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/127.0.0.1/tcp/{port}/ws"])
+            assert len((await js.call("ping", addr=_our_addr(h, kind), count=2))["rtts"]) == 2

@@ -58,7 +58,7 @@ def test_five_hosts(lab, tmp_path):
     nodes = {i: {"prefix": tmp_path / f"host{i}", "data": tmp_path / f"host{i}" / "data"} for i in range(1, N + 1)}
     admin_dir = tmp_path / "admin"
     common = ["--no-systemd", "--heartbeat", "1", "--bootstrap", "cluster.test", "--dns-server", f"{lab.hub_ip}:53",
-              "--listen", "/ip4/0.0.0.0/tcp/4100", "--listen", "/ip4/0.0.0.0/tcp/4101/ws"]
+              "--listen", "/ip4/0.0.0.0/tcp/4100", "--listen", "/ip4/0.0.0.0/tcp/4100/ws"]
 
     # host 1 starts the cluster; hosts 2-5 join it (one after another: pip builds in the checkout)
     first = install(["--prefix", str(nodes[1]["prefix"]), "--new-system", "--cluster", "mh", "--domain", "cluster.test",

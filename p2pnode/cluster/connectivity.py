@@ -24,7 +24,8 @@ from ..multiaddr import Multiaddr
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 REBOOTSTRAP_INTERVAL = 60.0
-MAX_PARALLEL_DIALS = 16
+MAX_PARALLEL_DIALS = 4  # per node; enough to mesh quickly without starving the handshakes in flight
+IDLE_RECHECK = 30.0
 DEFER_LARGER = (3.0, 6.0)  # seconds the larger peer ID waits before its first dial of a pair
 
 log = logging.getLogger("p2pnode.connectivity")
@@ -121,7 +122,10 @@ class Connectivity:
                         continue
                     self._dialing.add(key)
                     nursery.start_soon(self._dial, key, pid, addrs)
-                with trio.move_on_after(1.0):
+                # Sleep until the next retry falls due, or something changes (membership, a
+                # disconnect, a finished dial): an idle, fully connected node does no work here.
+                due = [b.next_at for k, b in self._backoff.items() if k not in self._dialing and b.next_at > now]
+                with trio.move_on_at(min(due + [now + IDLE_RECHECK])):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
 
@@ -143,6 +147,7 @@ class Connectivity:
             log.info(fmt("dial_failed", peer=pid or key, attempt=state.attempts, retry_in=f"{delay:.1f}s", reason=str(exc)))
         finally:
             self._dialing.discard(key)
+            self.wake()
 
     async def _bootstrap_loop(self) -> None:
         if not self.init_connections:

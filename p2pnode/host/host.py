@@ -139,13 +139,14 @@ class Host:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for addr in self.config.listen:
+            for group in _listen_groups(self.config.listen):
                 try:
-                    bound = await nursery.start(raw.listen, addr, self._on_inbound)
+                    bound = await nursery.start(raw.listen, group, self._on_inbound)
                 except OSError as exc:
-                    raise P2PNodeError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
-                self.listen_addrs.append(bound)
-                log.info(fmt("listening", addr=bound.with_peer_id(self.peer_id)))
+                    raise P2PNodeError(f"cannot listen on {group[0]}: {exc.strerror or exc}") from None
+                for addr in bound:
+                    self.listen_addrs.append(addr)
+                    log.info(fmt("listening", addr=addr.with_peer_id(self.peer_id)))
             task_status.started()
             await trio.sleep_forever()
 
@@ -344,6 +345,16 @@ class Host:
         stream.protocol = agreed.protocol
         stream.unread(agreed.trailing)
         return stream
+
+
+def _listen_groups(addrs: tuple[Multiaddr, ...]) -> list[list[Multiaddr]]:
+    """Addresses sharing a fixed IP and port (TCP and WebSocket) get one socket; port 0 never shares."""
+    groups: dict[object, list[Multiaddr]] = {}
+    for addr in addrs:
+        ep = raw.endpoint_of(addr)
+        key = (ep.host, ep.port) if ep.port else object()
+        groups.setdefault(key, []).append(addr)
+    return list(groups.values())
 
 
 @asynccontextmanager

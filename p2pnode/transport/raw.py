@@ -160,47 +160,94 @@ async def dial(
         raise DialError(f"{maddr}: {exc}") from None
 
 
+class PrefixedStream(trio.abc.Stream):
+    """A stream whose first bytes were already read (to tell WebSocket from plain TCP)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes):
+        self._stream = stream
+        self._prefix = prefix
+
+    async def send_all(self, data) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            data, self._prefix = take(self._prefix, max_bytes)
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+SNIFF_TIMEOUT = 10.0
+
+
 async def listen(
-    maddr: Multiaddr,
+    maddrs: list[Multiaddr] | Multiaddr,
     handler: RawHandler,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `maddr` until cancelled; each accepted stream runs `handler(stream, local, remote)`.
+    """Serve until cancelled; each accepted stream runs `handler(stream, local, remote)`.
 
-    task_status.started() receives the bound multiaddr (with the real port when 0 was asked)."""
-    ep = endpoint_of(maddr)
+    `maddrs` share one IP and port: `/tcp/P`, `/tcp/P/ws`, or both. With both, the first bytes
+    decide: a WebSocket client starts with an HTTP `GET`, a libp2p dialer with the multistream
+    header (both speak first). task_status.started() receives the bound multiaddrs (with the
+    real port when 0 was asked)."""
+    maddrs = [maddrs] if isinstance(maddrs, Multiaddr) else list(maddrs)
+    endpoints = [endpoint_of(m) for m in maddrs]
+    ep = endpoints[0]
     if ep.family == socket.AF_UNSPEC:
-        raise DecodeError(f"{maddr}: listen on an IP address (/ip4 or /ip6), not a DNS name")
+        raise DecodeError(f"{maddrs[0]}: listen on an IP address (/ip4 or /ip6), not a DNS name")
+    if any((e.host, e.port) != (ep.host, ep.port) for e in endpoints):
+        raise ValueError("listen() serves addresses of one IP and port")
+    kinds = {e.kind for e in endpoints}
     listeners = await trio.open_tcp_listeners(ep.port, host=ep.host)
     sock = listeners[0].socket
-    bound = _sockaddr_to_maddr(sock.getsockname(), sock.family, ep.kind == "ws")
+    bound = {kind: _sockaddr_to_maddr(sock.getsockname(), sock.family, kind == "ws") for kind in kinds}
 
     async def on_tcp(tcp: trio.SocketStream) -> None:
         s = tcp.socket
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            remote = _sockaddr_to_maddr(s.getpeername(), s.family, ep.kind == "ws")
+            peer = s.getpeername()
         except OSError:
             await tcp.aclose()
             return
-        if ep.kind == "tcp":
-            await handler(tcp, bound, remote)
+        stream: trio.abc.Stream = tcp
+        kind = next(iter(kinds))
+        if len(kinds) > 1:
+            first = b""
+            with trio.move_on_after(SNIFF_TIMEOUT):
+                first = await tcp.receive_some(RECEIVE_SIZE)
+            if not first:
+                await tcp.aclose()
+                return
+            kind = "ws" if first.startswith(b"GET ") else "tcp"
+            stream = PrefixedStream(tcp, first)
+        remote = _sockaddr_to_maddr(peer, s.family, kind == "ws")
+        if kind == "tcp":
+            await handler(stream, bound["tcp"], remote)
             return
         async with trio.open_nursery() as ws_nursery:
             try:
-                with trio.fail_after(10):
-                    request = await trio_websocket.wrap_server_stream(ws_nursery, tcp, **_WS_OPTIONS)
+                with trio.fail_after(SNIFF_TIMEOUT):
+                    request = await trio_websocket.wrap_server_stream(ws_nursery, stream, **_WS_OPTIONS)
                     conn = await request.accept()
             except (trio.TooSlowError, trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
                 await tcp.aclose()
                 ws_nursery.cancel_scope.cancel()
                 return
             try:
-                await handler(WebSocketStream(conn), bound, remote)
+                await handler(WebSocketStream(conn), bound["ws"], remote)
             finally:
                 ws_nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_tcp, listeners)
-        task_status.started(bound)
+        task_status.started([bound[e.kind] for e in endpoints])
