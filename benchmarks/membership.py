@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 INTERVAL = 10.0  # heartbeat interval; the production default is 30 s (--interval)
 WORKERS = 4
 STEADY_INTERVALS = 4
+PUSHES = 5
 
 
 def interval() -> float:
@@ -158,25 +160,29 @@ def run_size(n: int, tmp: Path) -> dict:
             time.sleep(0.5)
         mesh_s = time.monotonic() - start
         time.sleep(2 * interval())
-        # measured: a new snapshot pushed to one node, until the last node applied it
-        second = kit.snapshot(members[::-1])
-        issued = second.to_bytes()
-        t0 = time.time_ns()
-        workers[0].call(op="offer", envelope=issued.hex())
+        # measured: a new snapshot pushed to one node, until the last node applied it; PUSHES times
         from p2pnode.cluster.documents import Snapshot
         from p2pnode.envelope import Envelope
 
-        issued_at = Snapshot.from_dict(Envelope.from_bytes(issued).verify()).issued_at
-        while True:
-            stats = [w.call(op="stats") for w in workers]
-            times = [t for s in stats for t in s["applied"].get(issued_at, [])]
-            if len(times) == n:
-                break
-            if time.time_ns() - t0 > 60e9:
-                raise RuntimeError(f"only {len(times)} of {n} nodes applied the snapshot in 60 s")
-            time.sleep(0.05)
-        converge_s = (max(times) - t0) / 1e9
-        median_s = (sorted(times)[n // 2] - t0) / 1e9
+        alls, halves = [], []
+        for round_ in range(PUSHES):
+            env = kit.snapshot(members[::-1] if round_ % 2 == 0 else list(members))  # same members, new issued_at
+            issued = env.to_bytes()
+            issued_at = Snapshot.from_dict(Envelope.from_bytes(issued).verify()).issued_at
+            t0 = time.time_ns()
+            workers[round_ % WORKERS].call(op="offer", envelope=issued.hex())
+            while True:
+                stats = [w.call(op="stats") for w in workers]
+                times = sorted(t for s in stats for t in s["applied"].get(issued_at, []))
+                if len(times) == n:
+                    break
+                if time.time_ns() - t0 > 60e9:
+                    raise RuntimeError(f"only {len(times)} of {n} nodes applied the snapshot in 60 s")
+                time.sleep(0.02)
+            alls.append((times[-1] - t0) / 1e9)
+            halves.append((times[n // 2] - t0) / 1e9)
+            time.sleep(1)
+        converge_s, worst_s, median_s = statistics.median(alls), max(alls), statistics.median(halves)
         time.sleep(1)
         # steady state: heartbeats only, over STEADY_INTERVALS intervals
         before = [w.call(op="stats") for w in workers]
@@ -191,7 +197,7 @@ def run_size(n: int, tmp: Path) -> dict:
             w.close()
     intervals = STEADY_INTERVALS
     return {
-        "n": n, "mesh_s": mesh_s, "converge_s": converge_s, "median_s": median_s,
+        "n": n, "mesh_s": mesh_s, "converge_s": converge_s, "converge_worst_s": worst_s, "median_s": median_s,
         "hb_msgs_per_node_interval": hb_sent / n / intervals,
         "hb_bytes_per_node_interval": hb_bytes / n / intervals,
         "cpu_ms_per_node_interval": cpu * 1000 / n / intervals,
@@ -213,12 +219,13 @@ def main() -> None:
             rows.append(run_size(n, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print(f"{'N':>4}  {'mesh up':>9}  {'snapshot to all':>15}  {'to half':>8}  {'hb msgs':>8}  {'hb bytes':>9}  {'hb CPU':>9}  {'memory':>9}")
-    print(f"{'':>4}  {'':>9}  {'(target <2 s)':>15}  {'':>8}  {'/node/int':>8}  {'/node/int':>9}  {'/node/int':>9}  {'/node':>9}")
+    print(f"{'N':>4}  {'mesh up':>9}  {'snapshot to all':>15}  {'worst':>7}  {'to half':>8}  {'hb msgs':>8}  {'hb bytes':>9}  {'CPU':>9}  {'memory':>9}")
+    print(f"{'':>4}  {'':>9}  {'median, <2 s':>15}  {'':>7}  {'':>8}  {'/node/int':>8}  {'/node/int':>9}  {'/node/int':>9}  {'/node':>9}")
     for r in rows:
-        print(f"{r['n']:>4}  {r['mesh_s']:>8.1f}s  {r['converge_s']:>14.3f}s  {r['median_s']:>7.3f}s  {r['hb_msgs_per_node_interval']:>8.1f}"
+        print(f"{r['n']:>4}  {r['mesh_s']:>8.1f}s  {r['converge_s']:>14.3f}s  {r['converge_worst_s']:>6.3f}s  {r['median_s']:>7.3f}s  {r['hb_msgs_per_node_interval']:>8.1f}"
               f"  {r['hb_bytes_per_node_interval']:>8.0f}B  {r['cpu_ms_per_node_interval']:>7.2f}ms  {r['mem_mib_per_node']:>7.2f}MiB")
-    print(f"\n(heartbeat interval {interval():g} s; bytes are envelope bytes, before yamux/noise framing of 30 bytes per message)")
+    print(f"\n(snapshot times: median and worst of {PUSHES} pushes; heartbeat interval {interval():g} s; CPU is the whole node's in steady\n"
+          " state, heartbeats being nearly all of it; bytes are envelope bytes, before 30 bytes of yamux/noise framing per message)")
 
 
 if __name__ == "__main__":
