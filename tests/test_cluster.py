@@ -23,13 +23,13 @@ async def test_five_nodes_bootstrap_through_dns_and_survive_losing_three(tmp_pat
             for n in nodes:
                 await n.start(nursery)
             # before any snapshot: unconfigured, but the DNS records already connect everyone
-            await wait_for(lambda: all(len(n.node.host.connections()) >= 4 for n in nodes), what="DNS bootstrap mesh")
+            await wait_for(lambda: all(len(n.node.host.connections()) >= 4 for n in nodes), timeout=30, what="DNS bootstrap mesh")
             assert all(n.node.health.state == "unconfigured" for n in nodes)
 
             # one snapshot offered to one node reaches every node
             verdict = await nodes[0].node.membership.offer(kit.snapshot([n.member() for n in nodes]))
             assert verdict.result == "accepted"
-            await wait_for(lambda: all(n.node.health.state == "healthy" for n in nodes), what="all healthy")
+            await wait_for(lambda: all(n.node.health.state == "healthy" for n in nodes), timeout=30, what="all healthy")
             issued = {n.node.membership.current.issued_at for n in nodes}
             assert len(issued) == 1
             assert "action=state_change from=unconfigured to=healthy" in caplog.text
@@ -37,7 +37,7 @@ async def test_five_nodes_bootstrap_through_dns_and_survive_losing_three(tmp_pat
             # lose three of five: the two left are a minority (2 * 2 <= 5) → degraded
             for n in nodes[2:]:
                 await n.stop()
-            await wait_for(lambda: all(n.node.health.state == "degraded" for n in nodes[:2]), timeout=10, what="degraded")
+            await wait_for(lambda: all(n.node.health.state == "degraded" for n in nodes[:2]), timeout=20, what="degraded")
             await nodes[0].node.store.flush()
             rows = await nodes[0].node.store.fetchall("SELECT from_state, to_state FROM state_transitions ORDER BY id")
             assert rows[-2:] == [("unconfigured", "healthy"), ("healthy", "degraded")]
@@ -46,12 +46,12 @@ async def test_five_nodes_bootstrap_through_dns_and_survive_losing_three(tmp_pat
             for n in nodes[2:]:
                 await n.start(nursery)
                 assert n.node.membership.current.issued_at in issued
-            await wait_for(lambda: all(n.node.health.state == "healthy" for n in nodes), what="healthy after restart")
+            await wait_for(lambda: all(n.node.health.state == "healthy" for n in nodes), timeout=30, what="healthy after restart")
 
             # status over the network: signed by the node, with its view of every member
             async with open_host(KeyPair.generate()) as client:
                 conn = await client.connect(nodes[1].full_addr)
-                with trio.fail_after(10):
+                with trio.fail_after(20):
                     while True:  # heartbeats carry each member's state; the restarted ones catch up
                         view = await fetch_status(client, conn, members=True)
                         others = [m for m in view["members"] if not m["self"]]

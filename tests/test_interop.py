@@ -90,3 +90,9 @@ async def test_js_dials_tcp_and_ws_on_one_shared_port(make_host, js):
             assert reply["peerId"] == str(h.peer_id)
             assert sorted(reply["listenAddrs"]) == sorted([f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/127.0.0.1/tcp/{port}/ws"])
             assert len((await js.call("ping", addr=_our_addr(h, kind), count=2))["rtts"]) == 2
+            (conn,) = h.connections()
+            assert conn.remote_addr.protocols()[-1] == kind  # it really came in over that transport
+            await js.call("hangup", addr=_our_addr(h, kind))
+            with trio.fail_after(5):
+                while h.connections():
+                    await trio.sleep(0.02)

@@ -316,6 +316,10 @@ class Host:
             await handler(stream, conn)
         except (StreamReset, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug(fmt("stream_ended", peer=conn.peer_id, protocol=agreed.protocol, reason=str(exc) or type(exc).__name__))
+        except trio.TooSlowError:
+            log.warning(fmt("handler_timeout", peer=conn.peer_id, protocol=agreed.protocol))
+            await stream.reset()
+            return
         except Exception as exc:  # a handler bug or bad input must not take the node down
             log.warning(fmt("handler_error", peer=conn.peer_id, protocol=agreed.protocol, error=f"{type(exc).__name__}: {exc}"))
             await stream.reset()

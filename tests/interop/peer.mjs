@@ -4,6 +4,7 @@
 //   {"id", "op": "identify", "addr"}                  -> {"id", "agentVersion", "protocols", "listenAddrs", "observedAddr"}
 //   {"id", "op": "echo", "addr", "streams", "bytes"}  -> {"id", "ok", "seconds"}  (byte-exact check of the echo)
 //   {"id", "op": "sink", "addr", "streams", "bytes"}  -> {"id", "ok", "seconds"}  (one-way bulk, for benchmarks)
+//   {"id", "op": "hangup", "addr"}                    -> {"id", "ok"}  (close connections to that peer)
 // Serves /p2pnode/test/echo/1.0.0 and /p2pnode/test/sink/1.0.0 itself.
 
 // js-libp2p 3.x targets Node >= 22; on Node 20 it needs these two (see tests/interop/README.md).
@@ -122,8 +123,24 @@ async function run (cmd) {
       return { rtts }
     }
     case 'identify': {
-      const conn = await node.dial(target)
-      const result = await node.services.identify.identify(conn)
+      // js-libp2p identifies every new connection by itself and allows one identify stream at
+      // a time: on a new connection take that result; on an existing one, ask again.
+      const targetPeer = target.toString().split('/p2p/')[1]
+      const existing = node.getConnections().some(c => c.remotePeer.toString() === targetPeer)
+      let result
+      if (existing) {
+        result = await node.services.identify.identify(await node.dial(target))
+      } else {
+        const { promise, resolve } = Promise.withResolvers()
+        const onIdentify = (evt) => resolve(evt.detail)
+        node.addEventListener('peer:identify', onIdentify)
+        try {
+          await node.dial(target)
+          result = await Promise.race([promise, new Promise((_, reject) => setTimeout(() => reject(new Error('no identify within 10 s')), 10000))])
+        } finally {
+          node.removeEventListener('peer:identify', onIdentify)
+        }
+      }
       return {
         agentVersion: result.agentVersion,
         protocolVersion: result.protocolVersion,
@@ -142,6 +159,12 @@ async function run (cmd) {
       await Promise.all(Array.from({ length: streams }, (_, i) => oneStream(target, protocol, per, i)))
       const seconds = Number(process.hrtime.bigint() - start) / 1e9
       return { ok: true, seconds, bytes: per * streams }
+    }
+    case 'hangup': {
+      for (const c of node.getConnections()) {
+        if (c.remotePeer.toString() === target.toString().split('/p2p/')[1]) await c.close()
+      }
+      return { ok: true }
     }
     case 'connections':
       return { peers: node.getConnections().map(c => c.remotePeer.toString()) }
