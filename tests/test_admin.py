@@ -12,7 +12,7 @@ import trio
 from clusterkit import ClusterKit, ClusterNode, wait_for
 from dnsserver import dnsmasq
 
-ENV = {**os.environ, "P2PNODE_ADMIN_PASSPHRASE": "correct horse", "P2PNODE_ADMIN_FAST_KDF": "1"}
+ENV = {**os.environ, "P2PNODE_ADMIN_PASSPHRASE": "correct horse"}
 
 
 async def admin(*args, env=ENV, check=True):

@@ -48,7 +48,7 @@ def new_key_file(path: Path, args, what: str) -> KeyPair:
         if not secret:
             raise AdminError(f"--encrypt needs a passphrase: set ${args.passphrase_env} or run on a terminal")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyfile.save(path, key, secret, fast=os.environ.get("P2PNODE_ADMIN_FAST_KDF") == "1")
+    keyfile.save(path, key, secret)
     return key
 
 
@@ -359,7 +359,7 @@ def cmd_bundle_import(args) -> int:
     if args.encrypt or os.environ.get(args.passphrase_env):
         secret = keyfile.passphrase(args.passphrase_env, confirm=True, what="the admin key")
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyfile.save(key_path, admin, secret, fast=os.environ.get("P2PNODE_ADMIN_FAST_KDF") == "1")
+    keyfile.save(key_path, admin, secret)
     write_envelope(str(d / "admin.proof"), proof_env)
     meta = {k: data[k] for k in ("cluster_id", "system_pubkey", "bootstrap") if k in data}
     atomic_write(d / "bundle.json", (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)

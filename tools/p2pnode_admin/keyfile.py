@@ -46,14 +46,14 @@ def passphrase(env_name: str, *, confirm: bool, what: str) -> str | None:
     return first
 
 
-def save(path: Path, key: KeyPair, secret: str | None, *, fast: bool = False) -> None:
-    """Write `key`; encrypted when `secret` is not None. `fast` lowers Argon2 cost (tests only)."""
+def save(path: Path, key: KeyPair, secret: str | None) -> None:
+    """Write `key`; encrypted when `secret` is not None."""
     if path.exists():
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
     if secret is None:
         atomic_write(path, key.to_protobuf(), mode=0o600)
         return
-    ops, mem = (KDF.OPSLIMIT_MIN, KDF.MEMLIMIT_MIN) if fast else (OPSLIMIT, MEMLIMIT)
+    ops, mem = OPSLIMIT, MEMLIMIT
     salt = nacl.utils.random(KDF.SALTBYTES)
     box_key = KDF.kdf(nacl.secret.SecretBox.KEY_SIZE, secret.encode(), salt, opslimit=ops, memlimit=mem)
     box = nacl.secret.SecretBox(box_key).encrypt(key.to_protobuf())
