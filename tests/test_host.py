@@ -7,7 +7,9 @@ import pytest
 import trio
 
 from p2pnode import diag, framing
-from p2pnode.errors import DialError, MessageTooLarge, StreamReset
+from p2pnode.errors import (
+    ConnectionClosed, DecodeError, DialError, MessageTooLarge, NegotiationFailed, P2PNodeError, StreamReset,
+)
 from p2pnode.host import HostConfig, open_host
 from p2pnode.identity import KeyPair
 from p2pnode.multiaddr import Multiaddr
@@ -105,13 +107,13 @@ async def test_dial_refused_and_unsupported_addresses():
     async with open_host(KeyPair.generate()) as h:
         with pytest.raises(DialError, match="127.0.0.1/tcp/1"):
             await h.connect("/ip4/127.0.0.1/tcp/1")
-        with pytest.raises(Exception, match="/wss"):
+        with pytest.raises(DecodeError, match="/wss"):
             await h.connect("/ip4/127.0.0.1/tcp/1/wss")
 
 
 async def test_negotiation_na_for_unknown_protocol(make_host):
     async with make_host() as a, make_host() as b:
-        with pytest.raises(Exception, match="none of"):
+        with pytest.raises(NegotiationFailed, match="none of"):
             await b.new_stream(await b.connect(a.full_addrs()[0]), ["/nope/1.0.0"])
         assert len(await ping.ping(b, a.peer_id)) == 1  # the connection is still fine
 
@@ -226,21 +228,28 @@ async def test_oversized_message_is_refused_on_a_stream(make_host):
         await _serving(a, b)
 
 
+def _all_tasks() -> int:
+    def count(task) -> int:
+        return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())
+
+
 async def test_clean_shutdown_sends_go_away_and_leaves_no_tasks(make_host):
+    before = _all_tasks()
     async with make_host() as b:
         async with make_host() as a:
             conn = await b.connect(a.full_addrs()[0])
             stream = await b.new_stream(conn, "/ipfs/ping/1.0.0")
-        # a is gone: b saw a go-away and the connection closed, streams fail cleanly
+            assert _all_tasks() > before + 10  # listeners, readers, writers, keepalives, handlers
+        # a is gone: b saw its go-away, the connection closed, and the open stream fails cleanly
         with trio.fail_after(5):
             await conn.muxer.wait_closed()
         assert conn.muxer.session.go_away_received == yamux.GO_AWAY_NORMAL
-        with pytest.raises((StreamReset, trio.ClosedResourceError, Exception)):
+        with pytest.raises((StreamReset, ConnectionClosed, trio.ClosedResourceError)):
             await stream.send_all(b"x" * 32)
-            await stream.receive_some()
         assert b.connections() == []
-    # every task the hosts started has ended (pytest-trio would fail on a leaked nursery child)
-    assert len(trio.lowlevel.current_root_task().child_nurseries[0].child_tasks) <= 2
+    assert _all_tasks() == before  # every task either host started has ended
 
 
 async def test_host_refuses_to_listen_twice_on_a_port():
