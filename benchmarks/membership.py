@@ -27,6 +27,8 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from procstat import rss_kib  # noqa: E402
+
 INTERVAL = 10.0  # heartbeat interval; the production default is 30 s (--interval)
 WORKERS = 4
 STEADY_INTERVALS = 4
@@ -37,18 +39,8 @@ def interval() -> float:
     return float(os.environ.get("P2PNODE_BENCH_INTERVAL", INTERVAL))
 
 
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 async def worker() -> None:
     """Child process: runs the nodes it is given; answers JSON-line commands on stdin."""
-    import attrs
-
-    from p2pnode import timefmt
     from p2pnode.config import NodeConfig
     from p2pnode.envelope import Envelope
     from p2pnode.identity import KeyPair, save_key

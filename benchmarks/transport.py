@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "interop"))
 
 from jspeer import start_js_peer  # noqa: E402
+from procstat import rss_kib  # noqa: E402
 
 from p2pnode import diag  # noqa: E402
 from p2pnode.host import HostConfig, open_host  # noqa: E402
@@ -36,13 +37,6 @@ from p2pnode.transport.upgrade import UpgradeLimits  # noqa: E402
 
 MiB = 1 << 20
 LISTEN = HostConfig(listen=(Multiaddr.parse("/ip4/127.0.0.1/tcp/0"),), upgrade=UpgradeLimits(keepalive_interval=0))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 async def serve() -> None:

@@ -15,16 +15,17 @@ import trio
 
 from . import __version__, control, logfmt
 from .cluster.status import fetch_status
-from .config import ConfigError, load_or_create
+from .config import CONFIG_NAME, ConfigError, load_or_create, parse
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
-from .host import HostConfig, open_host
-from .identity import KeyFileError, KeyPair
-from .node import Node
-from .trioutil import open_nursery_unwrapped
-from .store import StoreError
+from .fsutil import atomic_write
+from .host import open_client
+from .identity import KeyFileError, load_or_create_key
 from .multiaddr import Multiaddr
+from .node import Node
 from .stdproto import identify as identify_proto
 from .stdproto import ping as ping_proto
+from .store import StoreError
+from .trioutil import open_nursery_unwrapped
 
 log = logging.getLogger("p2pnode")
 EXIT_CONFIG = 2
@@ -68,7 +69,7 @@ async def _run(args: argparse.Namespace) -> int:
 # -- ping / id ---------------------------------------------------------------------------------
 async def _ping(args: argparse.Namespace) -> int:
     addr = _parse_addr(args.multiaddr)
-    async with open_host(KeyPair.generate(), HostConfig()) as host:
+    async with open_client() as host:
         with trio.fail_after(args.timeout):
             conn = await host.connect(addr)
         print(f"PING {addr} ({conn.peer_id})", flush=True)
@@ -86,16 +87,17 @@ async def _ping(args: argparse.Namespace) -> int:
 
 async def _id(args: argparse.Namespace) -> int:
     addr = _parse_addr(args.multiaddr)
-    async with open_host(KeyPair.generate(), HostConfig()) as host:
+    async with open_client() as host:
         with trio.fail_after(args.timeout):
             conn = await host.connect(addr)
             record = await identify_proto.identify(host, conn)
+    observed = record.observed_multiaddr()
     info = {
         "peer_id": str(conn.peer_id),
         "agent_version": record.agent_version,
         "protocol_version": record.protocol_version,
         "listen_addrs": [str(a) for a in record.listen_multiaddrs()],
-        "observed_addr": str(record.observed_multiaddr()) if record.observed_multiaddr() else None,
+        "observed_addr": str(observed) if observed else None,
         "protocols": list(record.protocols),
     }
     if args.json:
@@ -112,10 +114,6 @@ async def _id(args: argparse.Namespace) -> int:
 
 async def _init(args: argparse.Namespace) -> int:
     """Create or update <data-dir>/config.json and the node key; never replaces an existing key."""
-    from .config import CONFIG_NAME, parse
-    from .fsutil import atomic_write
-    from .identity import load_or_create_key
-
     config, created = load_or_create(args.data_dir)
     raw = config.to_json()
     if args.listen:
@@ -146,7 +144,7 @@ async def _init(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     if args.peer:
         addr = _parse_addr(args.peer)
-        async with open_host(KeyPair.generate(), HostConfig()) as host:
+        async with open_client() as host:
             with trio.fail_after(args.timeout):
                 conn = await host.connect(addr)
                 view = await fetch_status(host, conn, members=True)

@@ -72,5 +72,3 @@ class Fields:
             raise DecodeError(f"{self.what}: field {key!r} has more than {max_items} items")
         return value
 
-    def mapping(self, key: str, optional: bool = False) -> dict | None:
-        return self._get(key, dict, optional)

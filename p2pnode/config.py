@@ -15,6 +15,7 @@ import attrs
 
 from .errors import DecodeError, P2PNodeError
 from .fsutil import atomic_write
+from .identity import PublicKey
 from .multiaddr import Multiaddr
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4100/ws")  # one port: TCP and WebSocket
@@ -132,14 +133,10 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
                 raise _fail(name, raw[name], "expected a string")
             kw[name] = raw[name].strip()
     if kw.get("system_pubkey"):
-        from .identity import PeerId  # a system key is written as its peer ID text
-
         try:
-            key = PeerId.from_string(kw["system_pubkey"]).extract_public_key()
+            PublicKey.from_id_text(kw["system_pubkey"])
         except DecodeError as exc:
             raise _fail("system_pubkey", kw["system_pubkey"], f"expected an Ed25519 key as a 12D3KooW… ID ({exc})") from None
-        if key is None:
-            raise _fail("system_pubkey", kw["system_pubkey"], "expected an Ed25519 key as a 12D3KooW… ID")
     if "data_dir" in raw:
         if not isinstance(raw["data_dir"], str) or not raw["data_dir"]:
             raise _fail("data_dir", raw["data_dir"], "expected a directory path")

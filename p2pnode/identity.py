@@ -70,6 +70,14 @@ class PublicKey:
     def peer_id(self) -> PeerId:
         return PeerId.from_public_key(self)
 
+    @classmethod
+    def from_id_text(cls, text: str) -> PublicKey:
+        """A key written as its peer ID (`12D3KooW…`), which inlines Ed25519 keys (system_pubkey)."""
+        key = PeerId.from_string(text).extract_public_key()
+        if key is None:
+            raise DecodeError(f"{text!r} names a key by its hash; an Ed25519 key written as its 12D3KooW… ID is needed")
+        return key
+
 
 class KeyPair:
     """An Ed25519 signing key with its public half. Not a value class: it holds a secret."""

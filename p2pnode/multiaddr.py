@@ -182,8 +182,6 @@ class Multiaddr:
     def with_peer_id(self, peer_id: PeerId) -> Multiaddr:
         return Multiaddr(self.without_peer_id().components + (("p2p", peer_id.to_base58()),))
 
-    def encapsulate(self, other: Multiaddr) -> Multiaddr:
-        return Multiaddr(self.components + other.components)
 
 
 def ensure(value: Multiaddr | str) -> Multiaddr:

@@ -9,14 +9,13 @@ import trio
 
 from . import __version__, bootstrap, control
 from .cluster.connectivity import Connectivity
-from .cluster.documents import system_key_from_text
 from .cluster.health import Health
 from .cluster.heartbeat import HeartbeatService
 from .cluster.membership import MembershipService
 from .cluster.status import StatusService
 from .config import NodeConfig
 from .host import Host, HostConfig
-from .identity import load_or_create_key
+from .identity import PublicKey, load_or_create_key
 from .logfmt import fmt
 from .store import Store
 from .transport.upgrade import UpgradeLimits
@@ -60,17 +59,14 @@ class Node:
         self.identity, created = load_or_create_key(config.key_path)
         if created:
             log.info(fmt("key_created", path=config.key_path, peer=self.identity.peer_id))
-        system_key = system_key_from_text(config.system_pubkey)
+        system_key = PublicKey.from_id_text(config.system_pubkey) if config.system_pubkey else None
         if system_key is None:
             log.warning(fmt("no_system_pubkey", note="any validly self-signed snapshot will be accepted; set system_pubkey"))
         self.store = await Store.open(config.data_dir / "node.db", flush_interval=self.options.store_flush_interval)
         host = self.host = Host(self.identity, HostConfig(listen=config.listen, upgrade=self.options.upgrade))
         resolver = bootstrap.Resolver(config.dns_nameservers)
 
-        async def resolve(name, family):
-            return await resolver.ips(name, family)
-
-        host.name_resolver = resolve if config.dns_nameservers else None
+        host.name_resolver = resolver.ips if config.dns_nameservers else None
         self.membership = MembershipService(host, self.store, cluster_id=config.cluster_id, system_key=system_key)
         self.health = Health(host, self.store, self.membership, interval=config.heartbeat_interval)
         self.heartbeat = HeartbeatService(

@@ -255,7 +255,7 @@ async def test_clean_shutdown_sends_go_away_and_leaves_no_tasks(make_host):
 async def test_host_refuses_to_listen_twice_on_a_port():
     async with open_host(KeyPair.generate(), HostConfig(listen=(LOOPBACK_TCP,))) as a:
         taken = a.listen_addrs[0]
-        with pytest.raises(Exception, match=f"cannot listen on {taken}"):
+        with pytest.raises(P2PNodeError, match=f"cannot listen on {taken}"):
             async with open_host(KeyPair.generate(), HostConfig(listen=(taken,))):
                 pass
 

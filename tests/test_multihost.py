@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
 
 from dnsserver import dnsmasq
 from netns import Lab, NamespaceUnavailable
@@ -172,6 +171,7 @@ def test_install_standalone_uninstall_keeps_data(tmp_path):
     assert result.returncode == 0 and "kept" in result.stderr
     assert key.exists() and not (prefix / "venv").exists()
     again = install(["--prefix", str(prefix), "--no-systemd"])
+    assert again.returncode == 0, again.stderr
     assert json.loads((prefix / "install.json").read_text())["peer_id"] == peer  # the key survived
     install(["--prefix", str(prefix), "--no-systemd", "--uninstall", "--purge"])
     assert not prefix.exists()

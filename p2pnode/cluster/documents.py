@@ -126,9 +126,6 @@ class Snapshot:
                 return m
         return None
 
-    def member_ids(self) -> set[PeerId]:
-        return {m.peer_id for m in self.members}
-
     def to_dict(self) -> dict:
         return {
             "cluster_id": self.cluster_id,
@@ -201,16 +198,6 @@ class Trust:
     cluster_id: str = ""
     system_key: PublicKey | None = None
     revoked_admins: frozenset[PeerId] = frozenset()
-
-
-def system_key_from_text(text: str) -> PublicKey | None:
-    """`system_pubkey` is written as the key's peer ID (12D3KooW…), which inlines the key."""
-    if not text:
-        return None
-    key = PeerId.from_string(text).extract_public_key()
-    if key is None:
-        raise DecodeError("system_pubkey must be an Ed25519 key written as its 12D3KooW… peer ID")
-    return key
 
 
 def _open(env: Envelope) -> dict:

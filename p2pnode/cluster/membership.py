@@ -23,7 +23,7 @@ from ..errors import DecodeError, P2PNodeError
 from ..identity import PeerId, PublicKey
 from ..logfmt import fmt
 from ..streamio import MessageReader, send_message
-from .documents import Rejected, Revocation, Snapshot, Trust, verify_revocation, verify_snapshot
+from .documents import Revocation, Snapshot, Trust, verify_revocation, verify_snapshot
 
 PULL = "/p2pnode/membership/1.0.0"
 PUSH = "/p2pnode/membership-push/1.0.0"
@@ -122,15 +122,11 @@ class MembershipService:
     async def offer_snapshot(self, env: Envelope, source: PeerId | None = None, already: frozenset = frozenset()) -> Verdict:
         if self._not_newer(env):
             return Verdict("ignored", "not_newer", f"this node already has a snapshot issued at {self.current.issued_at}")
+        # verify_snapshot does not await: `current` is still what _not_newer compared against.
         try:
             snap = verify_snapshot(env, self.trust, self.clock())
-        except Rejected as exc:
-            return self._reject("snapshot", exc.code, str(exc), source)
-        except DecodeError as exc:
-            return self._reject("snapshot", "malformed", str(exc), source)
-        if self.current is not None and snap.issued_at_ns <= self.current.issued_at_ns:
-            log.debug(fmt("snapshot_ignored", issued_at=snap.issued_at, current=self.current.issued_at, source=source))
-            return Verdict("ignored", "not_newer", f"this node already has a snapshot issued at {self.current.issued_at}")
+        except DecodeError as exc:  # Rejected carries a code; anything else is malformed
+            return self._reject("snapshot", exc, source)
         previous = self.current
         self.current, self.current_envelope = snap, env
         await self.store.write(
@@ -149,10 +145,8 @@ class MembershipService:
     async def offer_revocation(self, env: Envelope, source: PeerId | None = None, already: frozenset = frozenset()) -> Verdict:
         try:
             rev = verify_revocation(env, self.trust, self.clock())
-        except Rejected as exc:
-            return self._reject("revocation", exc.code, str(exc), source)
         except DecodeError as exc:
-            return self._reject("revocation", "malformed", str(exc), source)
+            return self._reject("revocation", exc, source)
         digest = env.digest()
         if digest in self.revocations:
             return Verdict("ignored", "known", "this node already has this revocation")
@@ -164,7 +158,8 @@ class MembershipService:
         self._forward({"revocation": env.to_dict()}, already=already, source=source)
         return Verdict("accepted")
 
-    def _reject(self, kind: str, code: str, reason: str, source: PeerId | None) -> Verdict:
+    def _reject(self, kind: str, exc: DecodeError, source: PeerId | None) -> Verdict:
+        code, reason = getattr(exc, "code", "malformed"), str(exc)
         self.rejections[code] += 1
         log.warning(fmt(f"{kind}_rejected", code=code, reason=reason, source=source or "local"))
         return Verdict("rejected", code, reason)
@@ -218,7 +213,7 @@ class MembershipService:
         try:
             env = Envelope.from_dict(raw, type_)
         except DecodeError as exc:
-            return self._reject("revocation" if type_ == "revocation" else "snapshot", "malformed", str(exc), source)
+            return self._reject("revocation" if type_ == "revocation" else "snapshot", exc, source)
         return await self.offer(env, source, already)
 
     async def _serve_pull(self, stream, conn) -> None:

@@ -8,7 +8,6 @@ the host — cancellation — sends go-away to every peer and leaves no task beh
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -50,7 +49,6 @@ class Connection:
     remote_addr: Multiaddr
     direction: str  # "inbound" | "outbound"
     muxer: YamuxConnection
-    opened_at: float = attrs.field(factory=time.time)
     superseded: bool = False
     nursery: trio.Nursery | None = None  # tasks that live as long as this connection
 
@@ -85,7 +83,7 @@ class Host:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.name_resolver: raw.NameResolver | None = None  # /dns* at dial time; None = the OS resolver
-        self.stats = {"handshake_failures": 0, "connections_opened": 0}
+        self.stats = {"connections_opened": 0}
         if config.standard_protocols:
             from ..stdproto import identify, ping
 
@@ -95,9 +93,6 @@ class Host:
     # -- registry --------------------------------------------------------------------------------
     def set_handler(self, protocol: str, handler: Handler) -> None:
         self._handlers[protocol] = handler
-
-    def remove_handler(self, protocol: str) -> None:
-        self._handlers.pop(protocol, None)
 
     @property
     def protocols(self) -> list[str]:
@@ -117,9 +112,6 @@ class Host:
 
     def connections(self) -> list[Connection]:
         return [c for conns in self._conns.values() for c in conns if not c.is_closed]
-
-    def connected_peers(self) -> list[PeerId]:
-        return [p for p in self._conns if self.connection_to(p) is not None]
 
     def announce_addrs(self) -> list[Multiaddr]:
         """Listen addresses as peers can dial them: a wildcard becomes each interface address."""
@@ -169,7 +161,6 @@ class Host:
                 stream, self.identity, initiator=False, expected_peer=None, limits=self.config.upgrade, label=label
             )
         except Exception as exc:  # HandshakeError, or a bug: either way this peer alone is dropped
-            self.stats["handshake_failures"] += 1
             reason = str(exc) if isinstance(exc, HandshakeError) else f"{type(exc).__name__}: {exc}"
             log.warning(fmt("handshake_failed", direction="inbound", remote=remote, reason=reason))
             with trio.move_on_after(1) as scope:
@@ -235,7 +226,6 @@ class Host:
                 stream, self.identity, initiator=True, expected_peer=expected, limits=self.config.upgrade, label=f"out:{maddr}"
             )
         except HandshakeError as exc:
-            self.stats["handshake_failures"] += 1
             log.warning(fmt("handshake_failed", direction="outbound", remote=maddr, reason=str(exc)))
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
@@ -359,6 +349,11 @@ def _listen_groups(addrs: tuple[Multiaddr, ...]) -> list[list[Multiaddr]]:
         key = (ep.host, ep.port) if ep.port else object()
         groups.setdefault(key, []).append(addr)
     return list(groups.values())
+
+
+def open_client():
+    """A host for one-off client work (CLI ping, status, publish): a throwaway identity, no listeners."""
+    return open_host(KeyPair.generate(), HostConfig())
 
 
 @asynccontextmanager

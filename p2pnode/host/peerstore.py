@@ -29,9 +29,6 @@ class PeerStore:
             info = self._peers[peer_id] = PeerInfo(peer_id)
         return info
 
-    def known(self, peer_id: PeerId) -> PeerInfo | None:
-        return self._peers.get(peer_id)
-
     def add_addrs(self, peer_id: PeerId, addrs: list[Multiaddr]) -> None:
         info = self.get(peer_id)
         for addr in addrs:
@@ -42,6 +39,3 @@ class PeerStore:
     def addrs(self, peer_id: PeerId) -> list[Multiaddr]:
         info = self._peers.get(peer_id)
         return list(info.addrs) if info else []
-
-    def __iter__(self):
-        return iter(self._peers.values())

@@ -97,7 +97,7 @@ class YamuxStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
         try:
-            view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+            view = memoryview(data).cast("B")
             session = self._conn.session
             if not view:
                 await trio.lowlevel.checkpoint()
@@ -190,7 +190,6 @@ class YamuxConnection:
         self._closed = trio.Event()
         self.close_reason: str | None = None
         self.last_rtt: float | None = None
-        self.stats_refused = 0
         self._cancel_scope: trio.CancelScope | None = None
 
     @property
@@ -215,11 +214,7 @@ class YamuxConnection:
                 nursery.cancel_scope.cancel()
         finally:
             self._mark_closed(self.close_reason or "closed")
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await self.channel.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            await self._close_channel()
 
     async def _reader(self) -> None:
         data = self._initial
@@ -281,7 +276,6 @@ class YamuxConnection:
             if waiter is not None:
                 waiter.set()
         elif isinstance(event, yamux.StreamRefused):
-            self.stats_refused += 1
             level = logging.DEBUG if self.session.go_away_sent else logging.WARNING
             log.log(level, fmt("stream_refused", conn=self.label, stream=event.stream_id, reason=event.reason))
         elif isinstance(event, yamux.GoAwayReceived):
@@ -295,9 +289,7 @@ class YamuxConnection:
                 try:
                     await self._write(b"")
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ConnectionClosed):
-                    self.close_reason = self.close_reason or "write failed"
-                    if self._cancel_scope is not None:
-                        self._cancel_scope.cancel()
+                    self._abort("write failed")
                     return
 
     async def _keepalive(self) -> None:
@@ -308,9 +300,7 @@ class YamuxConnection:
                 self.session.rtt = self.last_rtt
             except trio.TooSlowError:
                 log.warning(fmt("keepalive_timeout", conn=self.label, timeout=self.keepalive_timeout))
-                self.close_reason = "keepalive timeout"
-                if self._cancel_scope is not None:
-                    self._cancel_scope.cancel()
+                self._abort("keepalive timeout")
                 return
             except ConnectionClosed:
                 return
@@ -324,12 +314,27 @@ class YamuxConnection:
         self.close_reason = self.close_reason or reason
         self._closed.set()
         self._inbound_send.close()
-        for stream in list(self._streams.values()):
-            stream._on_reset() if not stream._eof else stream._on_eof()
-            stream._writable.unpark_all()
+        for stream in self._streams.values():
+            if stream._eof:  # it had all its data; only writes fail now
+                stream._writable.unpark_all()
+            else:
+                stream._on_reset()
         self._streams.clear()
         for waiter in self._pongs.values():
             waiter.set()
+
+    def _abort(self, reason: str) -> None:
+        """End the connection from inside (run() then closes the channel)."""
+        self.close_reason = self.close_reason or reason
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def _close_channel(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self.channel.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     # -- helpers used by streams ---------------------------------------------------------------
     def _kick_writer(self) -> None:
@@ -369,9 +374,7 @@ class YamuxConnection:
                             raise
                 if timer.cancelled_caught:
                     self._write_broken = True
-                    self.close_reason = self.close_reason or f"write stalled for {WRITE_TIMEOUT:g}s"
-                    if self._cancel_scope is not None:
-                        self._cancel_scope.cancel()
+                    self._abort(f"write stalled for {WRITE_TIMEOUT:g}s")
                     raise ConnectionClosed(self.close_reason)
 
     async def _flush_quietly(self) -> None:
@@ -426,10 +429,5 @@ class YamuxConnection:
         with trio.CancelScope(shield=True):
             await self._flush_quietly()
             self._mark_closed(self.close_reason)
-            with trio.move_on_after(1):
-                try:
-                    await self.channel.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
+            await self._close_channel()
+        self._abort(self.close_reason)

@@ -37,9 +37,3 @@ async def answer(stream: trio.abc.Stream, supported, *, initial: bytes = b"") ->
     core = multistream.Listener(supported)
     return await _drive(stream, core, core.initiate(), initial)
 
-
-async def list_protocols(stream: trio.abc.Stream) -> list[str]:
-    """Ask the remote which protocols it supports (`ls`)."""
-    core = multistream.Dialer.for_listing()
-    result = await _drive(stream, core, core.initiate_listing(), b"")
-    return result.protocols

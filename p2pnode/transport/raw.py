@@ -188,7 +188,7 @@ SNIFF_TIMEOUT = 10.0
 
 
 async def listen(
-    maddrs: list[Multiaddr] | Multiaddr,
+    maddrs: list[Multiaddr],
     handler: RawHandler,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
@@ -199,7 +199,6 @@ async def listen(
     decide: a WebSocket client starts with an HTTP `GET`, a libp2p dialer with the multistream
     header (both speak first). task_status.started() receives the bound multiaddrs (with the
     real port when 0 was asked)."""
-    maddrs = [maddrs] if isinstance(maddrs, Multiaddr) else list(maddrs)
     endpoints = [endpoint_of(m) for m in maddrs]
     ep = endpoints[0]
     if ep.family == socket.AF_UNSPEC:

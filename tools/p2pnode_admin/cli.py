@@ -12,17 +12,18 @@ import trio
 
 from p2pnode import bootstrap, codec, timefmt
 from p2pnode.cluster.documents import (
-    AdminProof, Member, Rejected, Revocation, Snapshot, Trust, system_key_from_text,
+    AdminProof, Member, Rejected, Revocation, Snapshot, Trust,
     verify_admin_proof, verify_revocation, verify_snapshot,
 )
-from p2pnode.cluster.membership import push
+from p2pnode.cluster.membership import MAX_MESSAGE, PULL, push
 from p2pnode.cluster.status import fetch_status
 from p2pnode.envelope import Envelope, SignatureInvalid
 from p2pnode.errors import DecodeError, DialError, P2PNodeError
 from p2pnode.fsutil import atomic_write
-from p2pnode.host import open_host
-from p2pnode.identity import KeyFileError, KeyPair, PeerId
+from p2pnode.host import open_client
+from p2pnode.identity import KeyFileError, KeyPair, PeerId, PublicKey
 from p2pnode.multiaddr import Multiaddr
+from p2pnode.streamio import MessageReader, send_message
 
 from . import bundle, keyfile
 
@@ -40,8 +41,9 @@ def emit(args, data: dict, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
 
-def new_key_file(path: Path, args, what: str) -> KeyPair:
-    key = KeyPair.generate()
+def write_new_key(path: Path, key: KeyPair, args, what: str) -> None:
+    """Write a key created or imported here: encrypted when --encrypt is given or the
+    passphrase variable is set, and then never silently in the clear."""
     secret = None
     if args.encrypt or os.environ.get(args.passphrase_env):
         secret = keyfile.passphrase(args.passphrase_env, confirm=True, what=what)
@@ -49,6 +51,11 @@ def new_key_file(path: Path, args, what: str) -> KeyPair:
             raise AdminError(f"--encrypt needs a passphrase: set ${args.passphrase_env} or run on a terminal")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     keyfile.save(path, key, secret)
+
+
+def new_key_file(path: Path, args, what: str) -> KeyPair:
+    key = KeyPair.generate()
+    write_new_key(path, key, args, what)
     return key
 
 
@@ -179,10 +186,7 @@ def cmd_new_node(args) -> int:
 
 
 async def _fetch_current(target: str, dns_server) -> Envelope | None:
-    from p2pnode.cluster.membership import PULL, MAX_MESSAGE
-    from p2pnode.streamio import MessageReader, send_message
-
-    async with open_host(KeyPair.generate()) as host:
+    async with open_client() as host:
         conn = await connect_target(host, target, dns_server)
         stream = await host.new_stream(conn, PULL)
         await send_message(stream, codec.encode({"have": "", "revocations": []}), MAX_MESSAGE)
@@ -270,7 +274,7 @@ async def _publish(args) -> int:
                         "reason": str(exc)}, f"not sent: {exc} (use --force to send it anyway)")
             return EXIT_INVALID
         snap = None
-    async with open_host(KeyPair.generate()) as host:
+    async with open_client() as host:
         with trio.fail_after(args.timeout):
             conn = await connect_target(host, args.to, args.dns_server)
             verdict = await push(host, conn, {key: env.to_dict()})
@@ -354,12 +358,7 @@ def cmd_bundle_import(args) -> int:
     except (DecodeError, ValueError) as exc:
         raise AdminError(f"bad bundle: {exc}") from None
     d = Path(args.dir)
-    key_path = d / "admin.key"
-    secret = None
-    if args.encrypt or os.environ.get(args.passphrase_env):
-        secret = keyfile.passphrase(args.passphrase_env, confirm=True, what="the admin key")
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyfile.save(key_path, admin, secret)
+    write_new_key(d / "admin.key", admin, args, "the admin key")
     write_envelope(str(d / "admin.proof"), proof_env)
     meta = {k: data[k] for k in ("cluster_id", "system_pubkey", "bootstrap") if k in data}
     atomic_write(d / "bundle.json", (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
@@ -395,7 +394,7 @@ def cmd_inspect(args) -> int:
     system_key = None
     if args.system_pubkey:
         try:
-            system_key = system_key_from_text(args.system_pubkey)
+            system_key = PublicKey.from_id_text(args.system_pubkey)
         except DecodeError as exc:
             raise AdminError(f"--system-pubkey: {exc}") from None
     trust = Trust(args.cluster or "", system_key)
