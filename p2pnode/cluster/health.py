@@ -48,10 +48,10 @@ class Health:
         self.recompute("membership")
 
     def heard(self, peer_id: PeerId) -> None:
-        now = trio.current_time()
-        was_online = self.is_online(peer_id, now)
-        self.last_heard[peer_id] = now
-        if not was_online:  # a heartbeat from a member already online changes nothing
+        self.last_heard[peer_id] = trio.current_time()
+        # A heartbeat from a member already counted online changes nothing; anyone else (new, or
+        # back after a reconnect while its last heartbeat still looked fresh) is counted now.
+        if peer_id not in self.online:
             self.recompute("heard")
 
     def is_online(self, peer_id: PeerId, now: float) -> bool:

@@ -37,7 +37,6 @@ class StatusService:
         node = self.node
         host, membership, health, hb = node.host, node.membership, node.health, node.heartbeat
         snap = membership.current
-        now = trio.current_time()
 
         def peer_entry(peer_id: PeerId) -> dict:
             record = hb.peers.get(peer_id)
@@ -72,7 +71,7 @@ class StatusService:
                 else:
                     record = hb.peers.get(m.peer_id)
                     entry.update(peer_entry(m.peer_id))
-                    entry.update(online=health.is_online(m.peer_id, now), self=False, state=record.state if record else None)
+                    entry.update(online=m.peer_id in health.online, self=False, state=record.state if record else None)
                 entries.append(entry)
             out["members"] = entries
         return out
