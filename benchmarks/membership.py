@@ -27,7 +27,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from procstat import rss_kib  # noqa: E402
+from procstat import rss_kib
 
 INTERVAL = 10.0  # heartbeat interval; the production default is 30 s (--interval)
 WORKERS = 4

@@ -9,10 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "interop"))
 
-from p2pnode.host import HostConfig, open_host  # noqa: E402
-from p2pnode.identity import KeyPair  # noqa: E402
-from p2pnode.multiaddr import Multiaddr  # noqa: E402
-from p2pnode.transport.upgrade import UpgradeLimits  # noqa: E402
+from p2pnode.host import HostConfig, open_host
+from p2pnode.identity import KeyPair
+from p2pnode.multiaddr import Multiaddr
+from p2pnode.transport.upgrade import UpgradeLimits
 
 LOOPBACK_TCP = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
 LOOPBACK_WS = Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")

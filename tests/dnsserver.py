@@ -36,7 +36,7 @@ def dnsmasq(txt: list[tuple[str, str]], a: list[tuple[str, str]] = (), *, listen
     By default on 127.0.0.1 and a free port; with `netns`, inside that network namespace on
     `listen`:`port`. dnsmasq binds UDP and TCP on its port; a port free for UDP may be taken for
     TCP, so a start that fails with "Address already in use" is retried on another port."""
-    for attempt in range(5):
+    for _attempt in range(5):
         use_port = port or free_udp_port()
         args = [
             find_dnsmasq(), "--keep-in-foreground", "--conf-file=/dev/null", f"--port={use_port}",
