@@ -20,6 +20,7 @@ from .host import Host, HostConfig
 from .identity import KeyPair, load_or_create_key
 from .logfmt import fmt
 from .platform import nodedb
+from .platform.blocks import BlockExchange
 from .platform.bus import DocumentBus
 from .platform.clock import Clock
 from .platform.db import Database
@@ -103,7 +104,8 @@ class Node:
             host.name_resolver = resolver.ips if config.dns_nameservers else None
             roster = Roster(self.identity.peer_id)
             bus = self.bus = DocumentBus(host, DocumentStore(db), roster, self.options.clock)
-            ctx = ServiceContext(self.identity, config, host, db, self.options.clock, bus, roster, databases)
+            blocks = BlockExchange(host, roster)
+            ctx = ServiceContext(self.identity, config, host, db, self.options.clock, bus, roster, databases, blocks)
             self.services = services.build(ctx, resolver)
             for service in self.services:
                 await service.load()

@@ -31,6 +31,7 @@ from .roster import Roster
 if TYPE_CHECKING:
     from ..config import NodeConfig
     from ..host import Host
+    from .blocks import BlockExchange
     from .bus import DocumentBus
 
 
@@ -98,6 +99,7 @@ class ServiceContext:
     bus: DocumentBus
     roster: Roster
     databases: Databases
+    blocks: BlockExchange
 
     @property
     def peer_id(self) -> PeerId:
