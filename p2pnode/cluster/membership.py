@@ -21,7 +21,7 @@ from .. import codec, timefmt
 from ..envelope import Envelope
 from ..errors import DecodeError, P2PNodeError
 from ..identity import PeerId, PublicKey
-from ..logfmt import fmt
+from ..logfmt import fmt, limited
 from ..streamio import MessageReader, send_message
 from .documents import Revocation, Snapshot, Trust, verify_revocation, verify_snapshot
 
@@ -94,7 +94,7 @@ class MembershipService:
             try:
                 env = Envelope.from_bytes(row[0], "membership-snapshot")
                 # Revocations stop *new* documents from a revoked admin; the stored one stays in force.
-                snap = verify_snapshot(env, Trust(self.cluster_id, self.system_key), self.clock())
+                snap = verify_snapshot(env, Trust(self.cluster_id, self.system_key), self.clock(), stored=True)
             except DecodeError as exc:
                 log.warning(fmt("stored_snapshot_invalid", reason=str(exc)))
             else:
@@ -161,7 +161,7 @@ class MembershipService:
     def _reject(self, kind: str, exc: DecodeError, source: PeerId | None) -> Verdict:
         code, reason = getattr(exc, "code", "malformed"), str(exc)
         self.rejections[code] += 1
-        log.warning(fmt(f"{kind}_rejected", code=code, reason=reason, source=source or "local"))
+        limited.warning(log, fmt(f"{kind}_rejected", code=code, reason=reason, source=source or "local"), key=(f"{kind}_rejected", code))
         return Verdict("rejected", code, reason)
 
     async def offer(self, env: Envelope, source: PeerId | None = None, already: frozenset = frozenset()) -> Verdict:
