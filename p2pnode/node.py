@@ -18,7 +18,7 @@ from .cluster.status import StatusService
 from .config import NodeConfig
 from .host import Host, HostConfig
 from .identity import KeyPair, load_or_create_key
-from .logfmt import fmt
+from .logfmt import fmt, limited
 from .platform import nodedb
 from .platform.blocks import BlockExchange
 from .platform.bus import DocumentBus
@@ -122,6 +122,7 @@ class Node:
                 if self.options.control_socket:
                     routes = [r for s in self.services for r in s.routes()]
                     await nursery.start(control.serve, routes, self.control_path)
+                nursery.start_soon(_flush_log_summaries)
                 self.ready.set()
                 task_status.started(self)
                 await trio.sleep_forever()
@@ -131,4 +132,12 @@ class Node:
                     await self.host.aclose()  # no-op after stop(); on plain cancellation, still say go-away
                 for d in [*databases.opened, db]:
                     await d.close()  # each run() closed it already unless it never started
+                limited.flush(everything=True)
                 log.info(fmt("stopped", peer=self.identity.peer_id))
+
+
+async def _flush_log_summaries() -> None:
+    """Write the rate limiter's `log_suppressed` summaries even when nothing else logs."""
+    while True:
+        await trio.sleep(10)
+        limited.flush()

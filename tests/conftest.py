@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "interop"))
 
 from p2pnode.host import HostConfig, open_host
+from p2pnode.logfmt import limited
 from p2pnode.identity import KeyPair
 from p2pnode.multiaddr import Multiaddr
 from p2pnode.transport.upgrade import UpgradeLimits
@@ -32,3 +33,11 @@ def make_host():
         return open_host(identity or KeyPair.generate(), cfg)
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_limits():
+    """The process-wide log rate limiter starts empty for every test (tests assert on log lines)."""
+    limited.reset()
+    yield
+    limited.reset()

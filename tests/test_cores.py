@@ -108,7 +108,7 @@ async def test_health_goes_degraded_after_three_silent_intervals_on_virtual_time
         health.heard(peer.peer_id)  # a heartbeat
         await trio.sleep(89)
         assert health.state == HEALTHY
-        await trio.sleep(31)  # 3 intervals without news (plus one tick)
+        await trio.sleep(35)  # past 3 intervals without news and the next tick (t=180)
         assert health.state == DEGRADED and health.online == [me.peer_id]
         assert await health.history.last(3) == []  # queued, not flushed: the history is written in batches
         await db.flush()

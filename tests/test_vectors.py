@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode import codec, framing, timefmt
-from p2pnode.cluster.documents import Trust, verify_admin_proof, verify_revocation, verify_snapshot
+from p2pnode.cluster.documents import Rejected, Trust, verify_admin_proof, verify_revocation, verify_snapshot
 from p2pnode.cluster.heartbeat import Heartbeat
 from p2pnode.envelope import Envelope, signing_bytes
 from p2pnode.identity import KeyPair
@@ -40,6 +40,19 @@ def test_documents_verify_from_the_bytes_alone():
     assert hb.state == "healthy" and hb.peer_id == keys["node_a"].peer_id
     status = Envelope.from_bytes(bytes.fromhex(V["status"]))
     assert status.verify()["state"] == "degraded" and status.signer_id == keys["node_b"].peer_id
+
+
+def test_vector_snapshot_once_its_proof_has_expired():
+    """The proof runs to clock + 24 h: a node receiving the snapshot later refuses it, whatever
+    the snapshot's own date; the node that stored it while the proof was valid keeps it."""
+    system = KeyPair.from_seed(bytes.fromhex(V["seeds"]["system"]))
+    trust = Trust("demo", system.public_key)
+    env = Envelope.from_bytes(bytes.fromhex(V["snapshot"]))
+    later = timefmt.parse_ns(V["clock"]) + 25 * 3600 * timefmt.NS
+    with pytest.raises(Rejected) as info:
+        verify_snapshot(env, trust, later)
+    assert info.value.code == "proof_expired"
+    assert verify_snapshot(env, trust, later, stored=True).issued_at == "2026-11-23T12:00:00.000000001Z"
 
 
 def test_signature_input_layout():

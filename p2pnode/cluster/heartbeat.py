@@ -29,7 +29,7 @@ from .. import codec, timefmt
 from ..envelope import Envelope
 from ..errors import DecodeError, P2PNodeError
 from ..identity import KeyPair, PeerId
-from ..logfmt import fmt
+from ..logfmt import fmt, limited
 from ..platform.db import Database
 from ..platform.nodedb import MetaStore
 from ..platform.service import Service, ServiceContext
@@ -272,7 +272,7 @@ class HeartbeatService(Service):
         record.rejected += 1
         self.rejections[result] += 1
         self.store.save(sender, self.core.last_seq.get(sender, 0), record)
-        log.warning(fmt("heartbeat_rejected", peer=sender, reason=result))
+        limited.warning(log, fmt("heartbeat_rejected", peer=sender, reason=result), key=("heartbeat_rejected", result))
         return result
 
     # -- status ---------------------------------------------------------------------------------

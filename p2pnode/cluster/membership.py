@@ -109,8 +109,9 @@ class MembershipService(Service):
         return Accepted("", snap.issued_at_ns, snap)
 
     def _reload_snapshot(self, env: Envelope, now_ns: int) -> Accepted:
-        # Revocations stop *new* documents from a revoked admin; the stored one stays in force.
-        snap = verify_snapshot(env, Trust(self.cluster_id, self.system_key), now_ns)
+        # Revocations stop *new* documents from a revoked admin, and a proof that expired since
+        # stops new ones too: the snapshot this node accepted stays in force (judged at its issued_at).
+        snap = verify_snapshot(env, Trust(self.cluster_id, self.system_key), now_ns, stored=True)
         return Accepted("", snap.issued_at_ns, snap)
 
     def _apply_snapshot(self, accepted: Accepted, env: Envelope, source: PeerId | None, loaded: bool) -> None:

@@ -36,7 +36,7 @@ from .. import codec
 from ..envelope import Envelope
 from ..errors import DecodeError, NegotiationFailed, P2PNodeError
 from ..identity import PeerId
-from ..logfmt import fmt
+from ..logfmt import fmt, limited
 from . import rpc
 from .clock import Clock
 from .db import StoreError
@@ -198,12 +198,16 @@ class DocumentBus:
         if len(env.payload) > dtype.max_size:
             return self._reject(dtype, DecodeError(f"{env.type} of {len(env.payload)} bytes exceeds {dtype.max_size}"), source)
         digest = env.digest()
-        known = self._ordering_verdict(dtype, env, digest)
+        large = len(env.payload) > OFF_LOOP_BYTES  # decode and verify those off the event loop
+        if large:
+            known = await trio.to_thread.run_sync(self._ordering_verdict, dtype, env, digest)
+        else:
+            known = self._ordering_verdict(dtype, env, digest)
         if known is not None:
             return known
         now = self.clock.now_ns()
         try:
-            if len(env.payload) > OFF_LOOP_BYTES:
+            if large:
                 accepted = await trio.to_thread.run_sync(dtype.verify, env, now)
             else:
                 accepted = dtype.verify(env, now)
@@ -253,7 +257,8 @@ class DocumentBus:
     def _reject(self, dtype: DocumentType, exc: DecodeError, source: PeerId | None) -> Verdict:
         code, reason = str(getattr(exc, "code", "malformed")), str(exc)
         self.rejections[(dtype.name, code)] += 1
-        log.warning(fmt(dtype.rejected_action, code=code, reason=reason, source=source or "local"))
+        limited.warning(log, fmt(dtype.rejected_action, code=code, reason=reason, source=source or "local"),
+                        key=(dtype.rejected_action, code))
         return Verdict("rejected", code, reason)
 
     def rejection_counts(self, type_: str) -> dict[str, int]:
