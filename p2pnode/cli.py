@@ -58,17 +58,19 @@ async def _run_locked(args: argparse.Namespace) -> int:
     if created:
         log.info(logfmt.fmt("config_created", path=config.data_dir / "config.json"))
     node = Node(config)
-    async with open_nursery_unwrapped() as nursery:
-        await nursery.start(node.run)
-        assert node.host is not None  # set before the node reports started
-        for addr in node.host.full_addrs():
-            print(addr, flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Catch the signals before anything is printed: whoever reads the addresses may stop us at
+    # once, and a signal that arrives while the node starts is handled once it has started.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_nursery_unwrapped() as nursery:
+            await nursery.start(node.run)
+            assert node.host is not None  # set before the node reports started
+            for addr in node.host.full_addrs():
+                print(addr, flush=True)
             async for signum in signals:
                 log.info(logfmt.fmt("stopping", signal=signal.Signals(signum).name))
                 break
-        with trio.fail_after(STOP_TIMEOUT):
-            await node.stop()
+            with trio.fail_after(STOP_TIMEOUT):
+                await node.stop()
     return 0
 
 
