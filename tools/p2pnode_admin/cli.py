@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TextIO
 
 import trio
@@ -30,7 +31,7 @@ from p2pnode.cluster.status import fetch_status
 from p2pnode.envelope import Envelope, SignatureInvalid
 from p2pnode.errors import DecodeError, DialError, P2PNodeError
 from p2pnode.fsutil import atomic_write
-from p2pnode.host import open_client
+from p2pnode.host import Connection, Host, open_client
 from p2pnode.identity import KeyFileError, KeyPair, PeerId, PublicKey
 from p2pnode.multiaddr import Multiaddr
 from p2pnode.streamio import MessageReader, send_message
@@ -202,7 +203,7 @@ def cmd_new_node(args) -> int:
     return 0
 
 
-async def _fetch_current(target: str, dns_server) -> tuple[Envelope | None, list[Envelope]]:
+async def _fetch_current(target: str, dns_server: list[str]) -> tuple[Envelope | None, list[Envelope]]:
     """The current snapshot of a node (multiaddr or domain), and the revocations it knows."""
     async with open_client() as host:
         with trio.fail_after(BASE_TIMEOUT):
@@ -219,7 +220,7 @@ async def _fetch_current(target: str, dns_server) -> tuple[Envelope | None, list
     return (Envelope.from_dict(snapshot, "membership-snapshot") if snapshot else None), revocations
 
 
-def _load_signer(args) -> tuple[KeyPair, Envelope, AdminProof]:
+def _load_signer(args: argparse.Namespace) -> tuple[KeyPair, Envelope, AdminProof]:
     admin = keyfile.load(Path(args.admin_key), args.passphrase_env)
     proof_env = read_envelope(args.proof, "admin-proof")
     proof = AdminProof.from_dict(proof_env.verify())
@@ -252,7 +253,7 @@ def refuse_if_revoked(admin: PeerId, proof_env: Envelope, proof: AdminProof, fro
                              "Use another admin's key (p2pnode-admin new-admin)")
 
 
-async def cmd_snapshot(args) -> int:
+async def cmd_snapshot(args: argparse.Namespace) -> int:
     admin, proof_env, proof = await trio.to_thread.run_sync(_load_signer, args)
     base: Snapshot | None = None
     base_revocations: list[Envelope] = []
@@ -318,7 +319,7 @@ def cmd_revoke(args) -> int:
     return 0
 
 
-async def cmd_publish(args) -> int:
+async def cmd_publish(args: argparse.Namespace) -> int:
     env = read_envelope(args.file)
     if env.type not in ("membership-snapshot", "revocation"):
         raise AdminError(f"{args.file} is a {env.type}; only snapshots and revocations are published")
@@ -355,7 +356,8 @@ async def cmd_publish(args) -> int:
     return _report_members(args, snap, verdict, verdicts, holds)
 
 
-def _report_members(args, snap: Snapshot, first: Verdict, verdicts: dict[PeerId, Verdict | str], holds: dict[PeerId, str | None]) -> int:
+def _report_members(args: argparse.Namespace, snap: Snapshot, first: Verdict, verdicts: dict[PeerId, Verdict | str],
+                    holds: dict[PeerId, str | None]) -> int:
     """One line per member: its verdict (when we pushed to it) and the snapshot it holds; exit 0
     when all hold ours."""
     held = [m.peer_id for m in snap.members if holds.get(m.peer_id) == snap.issued_at]
@@ -364,7 +366,7 @@ def _report_members(args, snap: Snapshot, first: Verdict, verdicts: dict[PeerId,
     for m in snap.members:
         v = verdicts.get(m.peer_id)
         holding = holds.get(m.peer_id)
-        entry: dict = {"peer_id": str(m.peer_id), "name": m.name, "answered": m.peer_id in holds, "holds": holding}
+        entry: dict[str, object] = {"peer_id": str(m.peer_id), "name": m.name, "answered": m.peer_id in holds, "holds": holding}
         said = ""
         if isinstance(v, Verdict):
             entry.update(verdict=v.result, code=v.code, reason=v.reason)
@@ -397,13 +399,13 @@ def _issued_ns(text: str | None) -> int | None:
         return None
 
 
-async def _member_conn(host, first_conn, member: Member):
+async def _member_conn(host: Host, first_conn: Connection, member: Member) -> Connection:
     if member.peer_id == first_conn.peer_id:
         return first_conn
     return await host.connect_peer(member.peer_id, list(member.addrs))
 
 
-async def _push_each(host, first_conn, members: list[Member], message: dict) -> dict[PeerId, Verdict | str]:
+async def _push_each(host: Host, first_conn: Connection, members: list[Member], message: dict[str, object]) -> dict[PeerId, Verdict | str]:
     """Push `message` to each member directly, all at once; its verdict, or why it could not be asked."""
     out: dict[PeerId, Verdict | str] = {}
 
@@ -422,7 +424,7 @@ async def _push_each(host, first_conn, members: list[Member], message: dict) -> 
     return out
 
 
-async def _ask_each(host, first_conn, members) -> dict[PeerId, str | None]:
+async def _ask_each(host: Host, first_conn: Connection, members: Sequence[Member]) -> dict[PeerId, str | None]:
     """One round of status questions, all at once: which snapshot (issued_at) each member holds,
     None for none; members that did not answer are absent."""
     out: dict[PeerId, str | None] = {}
@@ -439,7 +441,7 @@ async def _ask_each(host, first_conn, members) -> dict[PeerId, str | None]:
     return out
 
 
-async def _wait_held(host, first_conn, snap: Snapshot, args) -> dict[PeerId, str | None]:
+async def _wait_held(host: Host, first_conn: Connection, snap: Snapshot, args: argparse.Namespace) -> dict[PeerId, str | None]:
     """Ask the members which snapshot they hold until each holds ours or a newer one (which it
     will keep: nodes never go back), or --timeout passes. Asks again soon at first, then every second."""
     holds: dict[PeerId, str | None] = {}
