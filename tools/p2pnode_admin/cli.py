@@ -4,7 +4,8 @@
 their own output streams); `main()` runs it under `trio.run` for the console script. Commands
 that touch the network are `async`; the others run on a worker thread, since loading an
 encrypted key costs an Argon2id derivation. The network calls stay in `_fetch_current`,
-`_publish`, `_push_each` and `_ask_each`, on the membership and status client functions.
+`cmd_publish`, `_push_each` and `_ask_each`, on the membership and status client functions
+(to be swapped for the document bus's client).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import inspect
 import json
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import trio
