@@ -33,4 +33,6 @@ if [ ! -d tests/interop/node_modules ] || [ tests/interop/package-lock.json -nt 
   npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 fi
 
+# hypothesis: no deadline or too_slow health check on a busy machine (tests/conftest.py); same examples
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 exec .venv/bin/python -m pytest "$@"

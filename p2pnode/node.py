@@ -10,7 +10,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from . import __version__, bootstrap, control, services
+from . import __version__, bootstrap, control, datadir, services
 from .cluster.health import HealthService
 from .cluster.heartbeat import HeartbeatService
 from .cluster.membership import MembershipService
@@ -90,8 +90,11 @@ class Node:
         return self.config.data_dir / control.SOCKET_NAME
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        with datadir.lock(self.config.data_dir):  # one process per data dir (re-entrant for the CLI's own hold)
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[Node]) -> None:
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity, created = load_or_create_key(config.key_path)
         if created:
             log.info(fmt("key_created", path=config.key_path, peer=self.identity.peer_id))
