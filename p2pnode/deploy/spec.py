@@ -102,7 +102,7 @@ def _req(f: Fields, key: str, pattern: re.Pattern[str], hint: str) -> str:
 
 
 def _script(f: Fields, key: str, optional: bool = False) -> str | None:
-    value = f.text(key, optional=optional, max_len=MAX_SCRIPT_BYTES)
+    value = f.text(key, optional=optional, max_len=4 * MAX_SCRIPT_BYTES)  # characters; the byte limit follows
     if value is not None and len(value.encode()) > MAX_SCRIPT_BYTES:
         raise DecodeError(f"{f.what}: field {key!r} is larger than {MAX_SCRIPT_BYTES} bytes (the script size limit)")
     if value is not None and "\x00" in value:
