@@ -109,9 +109,9 @@ def test_killed_during_health_check_then_completed_on_restart(kit):
 
 
 def test_killed_while_preparing_then_started_over(kit):
-    gate, runs = kit.tmp / "gate", kit.tmp / "runs"
+    gate, runs, child = kit.tmp / "gate", kit.tmp / "runs", kit.tmp / "child.pid"
     ref = put_artifact(kit.artifacts, make_tar([("app.txt", b"v1")]))
-    install = (f"echo run >> {runs}\nsleep 300 &\n"
+    install = (f"echo run >> {runs}\n[ -f {gate} ] || {{ sleep 300 & echo $! > {child}; }}\n"
                f"for i in $(seq 1000); do [ -f {gate} ] && exit 0; sleep 0.02; done; exit 1\n")
     proc = local(kit, command(TarAction(ref, install_script=install), deploy_id="p1", version="1", root=kit.root), wait=False)
     try:
@@ -126,5 +126,6 @@ def test_killed_while_preparing_then_started_over(kit):
     assert statuses[0] == "executing" and statuses[-1] == "success", statuses
     assert "starting over" in reports(again)[0]["message"]
     assert runs.read_text() == "run\nrun\n" and kit.current() == "1"
+    assert not alive(int(child.read_text()))  # the interrupted install's group was killed on restart
     assert os.listdir(kit.release_dir("1")) == ["app.txt"]
     assert isinstance(kit.root, Path)

@@ -51,7 +51,6 @@ async def test_timeout_kills_the_whole_group_even_children_ignoring_sigterm(tmp_
     async def on_start(pgid: int) -> None:
         started.append(pgid)
 
-    await trio.sleep(0)
     with trio.fail_after(10):
         result = await run_script(script, cwd=tmp_path, env=ENV, timeout=1.0, log=BoundedLog(), kill_grace=0.3, on_start=on_start)
     assert result.timed_out and result.describe().startswith("timed out after 1.")

@@ -92,9 +92,12 @@ class Executor:
         """Run the executor for the block's lifetime; unfinished deploys in the journal resume at once.
         Leaving the block cancels running deploys: their scripts' groups are killed and the journal
         keeps their phase, so the next `open` recovers them."""
-        source = artifacts if artifacts is not None else LocalArtifacts(config.artifact_dir or Path("artifacts"))
+        if artifacts is None:
+            if config.artifact_dir is None:
+                raise DeployError("the node's deploy settings name no artifact_dir")
+            artifacts = LocalArtifacts(config.artifact_dir)
         async with open_nursery_unwrapped() as nursery:
-            ex = cls(config, journal, nursery, on_report=on_report, artifacts=source, now_ns=now_ns)
+            ex = cls(config, journal, nursery, on_report=on_report, artifacts=artifacts, now_ns=now_ns)
             for app in await journal.unfinished_apps():
                 ex._kick(app)
             try:
@@ -122,10 +125,12 @@ class Executor:
         if entry is None:
             self._finished.pop(deploy_id, None)
             raise DeployError(f"no deploy {deploy_id} on this node")
-        if not entry.report.final:
-            await event.wait()
-            entry = await self.journal.get(deploy_id)
-            assert entry is not None
+        if entry.report.final:
+            self._finished.pop(deploy_id, None)
+            return entry.report
+        await event.wait()
+        entry = await self.journal.get(deploy_id)
+        assert entry is not None
         return entry.report
 
     async def status(self, deploy_id: str) -> DeployReport | None:
@@ -379,25 +384,17 @@ class _Deploy:
     async def install(self) -> None:
         assert self.target is not None
         cmd = self.cmd.resolve(self.vars(self.target))
+        prepare = {SHELL: self.prepare_shell, TAR: self.prepare_tar, DOCKER: self.prepare_docker}[self.cmd.kind]
+        go_live = {SHELL: self.live_shell, TAR: self.live_tar, DOCKER: self.live_docker}[self.cmd.kind]
         try:
-            if self.cmd.kind == TAR:
-                await self.prepare_tar(cmd)
-            elif self.cmd.kind == DOCKER:
-                await self.prepare_docker(cmd)
-            else:
-                await self.prepare_shell(cmd)
+            await prepare(cmd)
         except DeployError as exc:
             await self.discard_new()
             untouched = f"; the running release {self.prev} was not touched" if self.prev else ""
             await self.fail(f"{exc}{untouched}")
             return
         try:
-            if self.cmd.kind == SHELL:
-                await self.live_shell(cmd)
-            elif self.cmd.kind == DOCKER:
-                await self.live_docker(cmd)
-            else:
-                await self.switch(cmd, R.INSTALLING, 75)
+            await go_live(cmd)
         except DeployError as exc:
             await self.set(exc.status if isinstance(exc, StepFailed) else R.FAILED, self.progress, "failed", str(exc))
             await self.roll_back(str(exc))
@@ -472,6 +469,9 @@ class _Deploy:
         if not ran.ok:
             raise StepFailed(R.FAILED, f"deploy script {ran.describe()}")
         await self.switch(cmd, R.STARTING, 70)
+
+    async def live_tar(self, cmd: DeployCommand) -> None:
+        await self.switch(cmd, R.INSTALLING, 75)
 
     async def switch(self, cmd: DeployCommand, status: str, progress: int) -> None:
         """Stop the previous release's service, point `current` at the new release, start it."""

@@ -18,16 +18,14 @@ import trio
 from ..config import ConfigError
 from ..errors import P2PNodeError
 from . import config as deploy_config
+from .config import DeployConfig
 from .executor import Executor
 from .journal import Journal
 from .report import DeployReport
 from .spec import DeployCommand
 
 
-async def run(config_path: Path, journal_path: Path, command_files: list[Path]) -> int:
-    raw = json.loads(config_path.read_text())
-    cfg = deploy_config.parse(raw, journal_path.parent)
-    commands = [DeployCommand.from_dict(json.loads(p.read_text())) for p in command_files]
+async def run(cfg: DeployConfig, journal_path: Path, commands: list[DeployCommand]) -> int:
     journal = await Journal.open(journal_path)
 
     async def show(report: DeployReport) -> None:
@@ -52,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("commands", type=Path, nargs="*", help="command files (JSON)")
     args = parser.parse_args(argv)
     try:
-        return trio.run(run, args.config, args.journal, args.commands)
+        cfg = deploy_config.parse(json.loads(args.config.read_text()), args.journal.parent)
+        commands = [DeployCommand.from_dict(json.loads(p.read_text())) for p in args.commands]
+        return trio.run(run, cfg, args.journal, commands)
     except (ConfigError, P2PNodeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

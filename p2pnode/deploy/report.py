@@ -15,7 +15,7 @@ import attrs
 from .. import timefmt
 from ..codec import Fields
 from ..errors import DecodeError
-from .spec import KINDS
+from .spec import KINDS, choice
 
 PENDING = "pending"
 EXECUTING = "executing"
@@ -78,12 +78,7 @@ class DeployReport:
     @classmethod
     def from_dict(cls, raw: dict[Any, Any]) -> DeployReport:
         f = Fields(raw, "deploy report")
-        kind = f.text("command_type", max_len=32)
-        status = f.text("status", max_len=32)
-        if kind not in KINDS:
-            raise DecodeError(f"deploy report: field 'command_type' is {kind!r}")
-        if status not in STATUSES:
-            raise DecodeError(f"deploy report: field 'status' is {status!r}; allowed: {', '.join(STATUSES)}")
+        kind, status = choice(f, "command_type", KINDS), choice(f, "status", STATUSES)
         progress = f.integer("progress")
         if not 0 <= progress <= 100:
             raise DecodeError("deploy report: field 'progress' must be 0-100")

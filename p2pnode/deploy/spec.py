@@ -95,6 +95,14 @@ def _pattern(f: Fields, key: str, pattern: re.Pattern[str], hint: str, optional:
     return value
 
 
+def choice(f: Fields, key: str, allowed: tuple[str, ...], default: str | None = None) -> str:
+    """A text field that must be one of `allowed` (the error lists them)."""
+    value = f.text(key, optional=default is not None, default=default, max_len=64)
+    if value not in allowed:
+        raise DecodeError(f"{f.what}: field {key!r} is {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
 def _req(f: Fields, key: str, pattern: re.Pattern[str], hint: str) -> str:
     value = _pattern(f, key, pattern, hint)
     assert value is not None
@@ -248,9 +256,7 @@ class HealthCheck:
     @classmethod
     def from_dict(cls, raw: dict[Any, Any]) -> HealthCheck:
         f = Fields(raw, "deploy health")
-        kind = f.text("type", max_len=16)
-        if kind not in HEALTH_TYPES:
-            raise DecodeError(f"deploy health: field 'type' is {kind!r}; allowed: {', '.join(HEALTH_TYPES)}")
+        kind = choice(f, "type", HEALTH_TYPES)
         common: dict[str, Any] = dict(
             timeout=_seconds(f, "timeout", 60.0), retries=_int(f, "retries", 3, 0, 100),
             interval=_seconds(f, "interval", 10.0, 0.0, 3600.0), attempt_timeout=_seconds(f, "attempt_timeout", 10.0),
@@ -294,9 +300,7 @@ class Service:
     @classmethod
     def from_dict(cls, raw: dict[Any, Any]) -> Service:
         f = Fields(raw, "deploy service")
-        kind = f.text("type", max_len=16)
-        if kind not in SERVICE_TYPES:
-            raise DecodeError(f"deploy service: field 'type' is {kind!r}; allowed: {', '.join(SERVICE_TYPES)}")
+        kind = choice(f, "type", SERVICE_TYPES)
         timeout = _seconds(f, "timeout", 60.0)
         if kind == "systemd":
             command = f.text("command", max_len=MAX_ITEM)
@@ -487,9 +491,7 @@ class DockerAction:
         image = f.text("image", max_len=512)
         if not image or image.startswith("-") or any(c.isspace() for c in image):
             raise DecodeError(f"deploy.docker: field 'image' is {image!r}; expected an image reference such as repo/app:1.2")
-        pull = f.text("pull", optional=True, default="if_not_present", max_len=32)
-        if pull not in PULL_POLICIES:
-            raise DecodeError(f"deploy.docker: field 'pull' is {pull!r}; allowed: {', '.join(PULL_POLICIES)}")
+        pull = choice(f, "pull", PULL_POLICIES, "if_not_present")
         for key in ("ports", "volumes"):
             for item in _strings(f, key):
                 if item.startswith("-"):
@@ -561,9 +563,7 @@ class DeployCommand:
     @classmethod
     def from_dict(cls, raw: dict[Any, Any]) -> DeployCommand:
         f = Fields(raw, "deploy command")
-        kind = f.text("type", max_len=32)
-        if kind not in KINDS:
-            raise DecodeError(f"deploy command: field 'type' is {kind!r}; allowed: {', '.join(KINDS)}")
+        kind = choice(f, "type", KINDS)
         deploy_id = _req(f, "deploy_id", _DEPLOY_ID, "1-128 letters, digits, '_', '.', ':', '-'")
         version = _pattern(f, "version", _VERSION, "1-128 letters, digits, '_', '.', '+', '-' (not starting with '.')",
                            optional=kind == ROLLBACK)
