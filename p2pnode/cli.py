@@ -24,7 +24,7 @@ from .multiaddr import Multiaddr
 from .node import Node
 from .stdproto import identify as identify_proto
 from .stdproto import ping as ping_proto
-from .store import StoreError
+from .platform.db import StoreError
 from .trioutil import open_nursery_unwrapped
 
 log = logging.getLogger("p2pnode")
@@ -53,16 +53,18 @@ async def _run(args: argparse.Namespace) -> int:
     if created:
         log.info(logfmt.fmt("config_created", path=config.data_dir / "config.json"))
     node = Node(config)
-    async with open_nursery_unwrapped() as nursery:
-        await nursery.start(node.run)
-        for addr in node.host.full_addrs():
-            print(addr, flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Signals are caught from before the first address is printed: whoever reads the addresses
+    # may stop the node at once.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_nursery_unwrapped() as nursery:
+            await nursery.start(node.run)
+            for addr in node.host.full_addrs():
+                print(addr, flush=True)
             async for signum in signals:
                 log.info(logfmt.fmt("stopping", signal=signal.Signals(signum).name))
                 break
-        with trio.fail_after(STOP_TIMEOUT):
-            await node.stop()
+            with trio.fail_after(STOP_TIMEOUT):
+                await node.stop()
     return 0
 
 

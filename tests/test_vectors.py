@@ -49,7 +49,8 @@ def test_signature_input_layout():
     assert data.endswith(env.payload)
 
 
-@pytest.mark.parametrize("name", ["push_request_frame", "push_verdict_frame", "pull_request_frame", "status_request_frame"])
+@pytest.mark.parametrize("name", ["push_request_frame", "push_verdict_frame", "pull_request_frame", "pull_reply_frame",
+                                  "status_request_frame"])
 def test_frames_decode(name):
     (message,) = framing.LengthPrefixedDecoder(4 << 20).feed(bytes.fromhex(V[name]))
     assert isinstance(codec.decode(message), dict)

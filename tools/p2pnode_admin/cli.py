@@ -10,12 +10,11 @@ from pathlib import Path
 
 import trio
 
-from p2pnode import bootstrap, codec, timefmt
+from p2pnode import bootstrap, timefmt
 from p2pnode.cluster.documents import (
     AdminProof, Member, Rejected, Revocation, Snapshot, Trust,
     verify_admin_proof, verify_revocation, verify_snapshot,
 )
-from p2pnode.cluster.membership import MAX_MESSAGE, PULL, push
 from p2pnode.cluster.status import fetch_status
 from p2pnode.envelope import Envelope, SignatureInvalid
 from p2pnode.errors import DecodeError, DialError, P2PNodeError
@@ -23,7 +22,7 @@ from p2pnode.fsutil import atomic_write
 from p2pnode.host import open_client
 from p2pnode.identity import KeyFileError, KeyPair, PeerId, PublicKey
 from p2pnode.multiaddr import Multiaddr
-from p2pnode.streamio import MessageReader, send_message
+from p2pnode.platform import bus
 
 from . import bundle, keyfile
 
@@ -188,11 +187,8 @@ def cmd_new_node(args) -> int:
 async def _fetch_current(target: str, dns_server) -> Envelope | None:
     async with open_client() as host:
         conn = await connect_target(host, target, dns_server)
-        stream = await host.new_stream(conn, PULL)
-        await send_message(stream, codec.encode({"have": "", "revocations": []}), MAX_MESSAGE)
-        reply = codec.decode_map(await MessageReader(stream, MAX_MESSAGE).one(), "pull reply")
-        await stream.aclose()
-    return Envelope.from_dict(reply["snapshot"], "membership-snapshot") if reply.get("snapshot") else None
+        docs = await bus.pull(host, conn, ["membership-snapshot"])
+    return docs[0] if docs else None
 
 
 def cmd_snapshot(args) -> int:
@@ -277,7 +273,7 @@ async def _publish(args) -> int:
     async with open_client() as host:
         with trio.fail_after(args.timeout):
             conn = await connect_target(host, args.to, args.dns_server)
-            verdict = await push(host, conn, {key: env.to_dict()})
+            verdict = await bus.push(host, conn, env)
         progress(args, f"{conn.peer_id}: {verdict.result}{' (' + verdict.code + ': ' + verdict.reason + ')' if verdict.code else ''}")
         if verdict.result == "rejected":
             emit(args, {"result": "rejected", "code": verdict.code, "reason": verdict.reason},
