@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from deploykit import Kit, alive, command, make_tar, put_artifact, wait_until
 
-from p2pnode.deploy.journal import HEALTH, LIVE, PREPARE, JournalRepo, connect
+from p2pnode.deploy.journal import HEALTH, LIVE, PREPARE, read_entry
 from p2pnode.deploy.spec import HealthCheck, ShellAction, TarAction
 
 
@@ -40,11 +41,10 @@ def local(kit: Kit, *commands, wait: bool = True) -> subprocess.Popen | subproce
 
 
 def entry(kit: Kit, deploy_id: str):
-    conn = connect(kit.state / "deploy.db")
     try:
-        return JournalRepo.get(conn, deploy_id)
-    finally:
-        conn.close()
+        return read_entry(kit.state / "deploy.db", deploy_id)
+    except sqlite3.OperationalError:  # the subprocess is still creating the database
+        return None
 
 
 def killed(proc: subprocess.Popen) -> None:
