@@ -9,7 +9,7 @@ Stages per type (status, progress):
   shell   executing 0 → script_running 10 → starting 70 → health_check 80–100 → success
   tar     executing 0 → uploading 0–30 → extracting 30–60 → installing 60–90 → health_check 90–100 → success
   docker  executing 0 → pulling 10 → stopping 40 → starting 50 → health_check 70–100 → success
-  rollback executing 0 → rolling_back 10 → health_check 80–100 → rolled_back
+  rollback rolling_back 10 → health_check 80–100 → rolled_back
 A failure is reported as `failed` (or `timeout`) and, if anything running was touched, followed by
 `rolling_back` → `rolled_back` / `rollback_failed`. Rules:
 - before anything running is touched (artifact verification, extraction, install script, pulling),
@@ -126,7 +126,7 @@ class Executor:
             self._finished.pop(deploy_id, None)
             raise DeployError(f"no deploy {deploy_id} on this node")
         if entry.report.final:
-            self._finished.pop(deploy_id, None)
+            self._done(deploy_id)  # also wakes a concurrent waiter that created the same event
             return entry.report
         await event.wait()
         entry = await self.journal.get(deploy_id)
@@ -341,7 +341,7 @@ class _Deploy:
             return None
         env = self.env(cmd, version)
         cwd = self.releases.path(version)
-        cwd = cwd if cwd.is_dir() else self.releases.dir
+        cwd = cwd if await trio.Path(cwd).is_dir() else self.releases.dir
 
         async def script(text: str, timeout: float) -> RunResult:
             return await self.run_text(text, cwd, timeout, "health script", env)
@@ -366,8 +366,6 @@ class _Deploy:
                 await self.recover()
         except DeployError as exc:  # refused before it started (the root is no longer allowed)
             await self.fail(str(exc))
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
         except Exception as exc:  # a bug must not leave the deploy to be retried on every restart
             log.exception(fmt("deploy_internal_error", deploy=self.id))
             await self.fail(f"internal error during {self.status}: {exc!r}; check the node's log")

@@ -41,7 +41,7 @@ RANGES: dict[str, dict[str, tuple[int, int]]] = {
     "deploy.shell": {EXECUTING: (0, 10), SCRIPT_RUNNING: (10, 70), STARTING: (70, 80), HEALTH_CHECK: (80, 100)},
     "deploy.tar": {EXECUTING: (0, 0), UPLOADING: (0, 30), EXTRACTING: (30, 60), INSTALLING: (60, 90), HEALTH_CHECK: (90, 100)},
     "deploy.docker": {EXECUTING: (0, 10), PULLING: (10, 40), STOPPING: (40, 50), STARTING: (50, 70), HEALTH_CHECK: (70, 100)},
-    "deploy.rollback": {EXECUTING: (0, 10), ROLLING_BACK: (10, 80), HEALTH_CHECK: (80, 100)},
+    "deploy.rollback": {ROLLING_BACK: (10, 80), HEALTH_CHECK: (80, 100)},
 }
 
 MAX_LOG_TAIL = 2048
