@@ -244,3 +244,40 @@ def test_shared_reference_bomb_is_refused_cheaply():
 def test_fuzz_a_strangers_members_are_never_parsed(members):
     stranger = KeyPair.generate()
     _rejected(Envelope.seal("membership-snapshot", _payload(stranger, members=members), stranger), "no_admin_proof")
+
+
+def test_admin_documents_check_role_and_proof_before_the_payload():
+    """The generic check for admin-signed documents (folder configs, deploy commands)."""
+    from p2pnode.cluster.documents import ROLE_ADMIN, ROLE_DEPLOY, verify_admin_document
+    from p2pnode.envelope import register_type
+
+    register_type("test-admin-doc", "p2pnode-test-admin-doc-v1")
+    register_type("test-admin-doc", "p2pnode-test-admin-doc-v1")  # again, same domain: fine
+    with pytest.raises(ValueError):
+        register_type("test-other", "p2pnode-test-admin-doc-v1")  # a domain is never shared
+    kit = ClusterKit()
+    trust = Trust(kit.cluster_id, kit.system.public_key)
+    deployer = KeyPair.generate()
+    now = timefmt.now_ns()
+
+    def doc(signer, proof, **extra):
+        payload = {"cluster_id": kit.cluster_id, "issued_at": timefmt.format_ns(now), "issuer_peer_id": str(signer.peer_id),
+                   "admin_proof": proof.to_dict() if proof else None, "body": "x", **extra}
+        return Envelope.seal("test-admin-doc", payload, signer)
+
+    head, fields = verify_admin_document(doc(kit.admin, kit.proof()), trust, now, type_="test-admin-doc", roles=frozenset({ROLE_ADMIN}))
+    assert head.issuer_peer_id == kit.admin.peer_id and fields.text("body") == "x"
+    deploy_proof = kit.proof(deployer, role=ROLE_DEPLOY)
+    verify_admin_document(doc(deployer, deploy_proof), trust, now, type_="test-admin-doc", roles=frozenset({ROLE_ADMIN, ROLE_DEPLOY}))
+    with pytest.raises(Rejected, match="role is 'deploy', not 'admin'") as exc:
+        verify_admin_document(doc(deployer, deploy_proof), trust, now, type_="test-admin-doc", roles=frozenset({ROLE_ADMIN}))
+    assert exc.value.code == "proof_invalid"
+    for env, code in [
+        (doc(kit.admin, None), "no_admin_proof"),
+        (doc(kit.admin, kit.proof(deployer)), "proof_invalid"),  # a proof for another key
+        (doc(kit.admin, kit.proof(), cluster_id="other"), "wrong_cluster"),
+        (doc(kit.admin, kit.proof(), issuer_peer_id=str(deployer.peer_id)), "bad_signature"),
+    ]:
+        with pytest.raises(Rejected) as exc:
+            verify_admin_document(env, trust, now, type_="test-admin-doc", roles=frozenset({ROLE_ADMIN}))
+        assert exc.value.code == code

@@ -25,6 +25,7 @@ from ..identity import KeyPair, PeerId, PublicKey
 from ..multiaddr import Multiaddr
 
 ROLE_ADMIN = "admin"
+ROLE_DEPLOY = "deploy"  # may sign deploy commands and artifact manifests, nothing else
 MAX_SKEW_NS = 5 * 60 * timefmt.NS  # clocks may disagree this much: future dates, proof windows
 MAX_FUTURE_NS = MAX_SKEW_NS  # documents dated further ahead than this are refused
 MAX_MEMBERS = 10_000
@@ -242,7 +243,8 @@ def _open(env: Envelope) -> dict[str, Any]:
 
 
 def verify_admin_proof(
-    env: Envelope, trust: Trust, *, cluster_id: str, admin: PeerId, at_ns: int, now_ns: int | None = None
+    env: Envelope, trust: Trust, *, cluster_id: str, admin: PeerId, at_ns: int, now_ns: int | None = None,
+    roles: frozenset[str] = frozenset({ROLE_ADMIN}),
 ) -> AdminProof:
     """Check an admin proof for a document dated `at_ns`, received when this node's clock says
     `now_ns`: the window must cover the document's date and, give or take MAX_SKEW_NS, now, so
@@ -255,8 +257,9 @@ def verify_admin_proof(
     if env.signer != trust.system_key:
         raise Rejected("proof_invalid", "admin proof is not signed by this cluster's system key")
     proof = AdminProof.from_dict(_open(env))
-    if proof.role != ROLE_ADMIN:
-        raise Rejected("proof_invalid", f"admin proof role is {proof.role!r}, not {ROLE_ADMIN!r}")
+    if proof.role not in roles:
+        wanted = " or ".join(repr(r) for r in sorted(roles))
+        raise Rejected("proof_invalid", f"admin proof role is {proof.role!r}, not {wanted}")
     if proof.cluster_id != cluster_id:
         raise Rejected("proof_invalid", f"admin proof is for cluster {proof.cluster_id!r}, not {cluster_id!r}")
     if proof.admin_peer_id != admin:
@@ -313,3 +316,46 @@ def verify_revocation(env: Envelope, trust: Trust, now_ns: int) -> Revocation:
     if issued_at_ns > now_ns + MAX_FUTURE_NS:
         raise Rejected("future", "revocation is dated more than 5 minutes ahead of this node's clock")
     return _revocation_rest(f, cluster_id, issued_at_ns)
+
+
+@attrs.frozen
+class SignedHead:
+    """The common head of admin-signed documents other than snapshots (folder configs, deploy
+    commands): who signed, for which cluster, when, with which proof."""
+
+    cluster_id: str
+    issued_at_ns: int
+    issuer_peer_id: PeerId
+    proof: AdminProof | None
+
+
+def verify_admin_document(
+    env: Envelope, trust: Trust, now_ns: int, *, type_: str, roles: frozenset[str], stored: bool = False,
+) -> tuple[SignedHead, Fields]:
+    """Verify a document signed by an admin-like key whose proof (signed by the system key) rides in
+    the payload as `admin_proof` and grants one of `roles`. The payload carries `cluster_id`,
+    `issued_at` and `issuer_peer_id`; everything else is the caller's to parse from the returned
+    Fields, and only after this returned (verify before parse). `stored=True`: judged at its own
+    `issued_at` (a document this node accepted earlier)."""
+    what = type_.replace("-", " ")
+    if env.type != type_:
+        raise Rejected("malformed", f"expected a {type_}, got {env.type}")
+    f = Fields(_open(env), what)
+    cluster_id = f.text("cluster_id", max_len=256)
+    issued_at_ns = _time(f.text("issued_at"), f"{what} issued_at")
+    issuer = _peer(f.text("issuer_peer_id"), f"{what} issuer_peer_id")
+    proof_raw = f.raw.get("admin_proof")
+    if issuer != env.signer_id:
+        raise Rejected("bad_signature", f"{what} names issuer {issuer} but was signed by {env.signer_id}")
+    if trust.cluster_id and cluster_id != trust.cluster_id:
+        raise Rejected("wrong_cluster", f"{what} is for cluster {cluster_id!r}, this node is in {trust.cluster_id!r}")
+    judged_at = issued_at_ns if stored else now_ns
+    if issued_at_ns > judged_at + MAX_FUTURE_NS:
+        raise Rejected("future", f"{what} is dated {timefmt.format_ns(issued_at_ns)}, more than 5 minutes ahead of this node's clock")
+    proof = None
+    if trust.system_key is not None:
+        if proof_raw is None:
+            raise Rejected("no_admin_proof", f"{what} carries no admin proof and this cluster has a system key")
+        proof = verify_admin_proof(Envelope.from_dict(proof_raw, "admin-proof"), trust, cluster_id=cluster_id, admin=issuer,
+                                   at_ns=issued_at_ns, now_ns=judged_at, roles=roles)
+    return SignedHead(cluster_id, issued_at_ns, issuer, proof), f
