@@ -15,6 +15,7 @@ import attrs
 
 from .errors import DecodeError, P2PNodeError
 from .fsutil import atomic_write
+from .host.resources import Limits, LimitsError, parse_limits
 from .identity import PublicKey
 from .multiaddr import Multiaddr
 
@@ -46,6 +47,7 @@ class NodeConfig:
     dns_nameservers: tuple[str, ...] = ()
     heartbeat_interval: float = 30.0
     log_level: str = "info"
+    limits: Limits = Limits()  # resource limits (p2pnode/host/resources.py); config.json keeps the changed ones
 
     @property
     def key_path(self) -> Path:
@@ -63,6 +65,7 @@ class NodeConfig:
             "dns_nameservers": list(self.dns_nameservers),
             "heartbeat_interval": self.heartbeat_interval,
             "log_level": self.log_level,
+            "limits": self.limits.to_json(),
         }
 
 
@@ -159,6 +162,11 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         if raw["log_level"] not in LOG_LEVELS:
             raise _fail("log_level", raw["log_level"], f"allowed: {', '.join(LOG_LEVELS)}")
         kw["log_level"] = raw["log_level"]
+    if "limits" in raw:
+        try:
+            kw["limits"] = parse_limits(raw["limits"])
+        except LimitsError as exc:
+            raise ConfigError(str(exc)) from None
     return NodeConfig(data_dir=data_dir, **kw)
 
 

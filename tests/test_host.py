@@ -161,7 +161,7 @@ async def _read_to_eof(stream, timeout: float = 5) -> bytes:
 
 async def _raw_client(addr: Multiaddr, nursery):
     """A hand-driven peer: a real upgrade, then yamux frames written by the test itself."""
-    stream, _, _ = await raw.dial(addr, nursery, 5)
+    stream, _, _ = await raw.dial(addr, 5)
     conn, _ = await upgrade(stream, KeyPair.generate(), initiator=True, expected_peer=None, limits=UpgradeLimits(), label="evil")
     return conn
 
@@ -245,7 +245,7 @@ async def test_clean_shutdown_sends_go_away_and_leaves_no_tasks(make_host):
         # a is gone: b saw its go-away, the connection closed, and the open stream fails cleanly
         with trio.fail_after(5):
             await conn.muxer.wait_closed()
-        assert conn.muxer.session.go_away_received == yamux.GO_AWAY_NORMAL
+        assert conn.muxer.core.go_away_received == yamux.GO_AWAY_NORMAL
         with pytest.raises((StreamReset, ConnectionClosed, trio.ClosedResourceError)):
             await stream.send_all(b"x" * 32)
         assert b.connections() == []
@@ -267,7 +267,7 @@ async def test_keepalive_measures_rtt(make_host):
             while conn.muxer.last_rtt is None:
                 await trio.sleep(0.01)
         assert 0 < conn.muxer.last_rtt < 1
-        assert conn.muxer.session.rtt == conn.muxer.last_rtt
+        assert conn.muxer.core.rtt == conn.muxer.last_rtt
 
 
 async def test_ws_and_tcp_on_one_host(make_host):

@@ -1,9 +1,17 @@
 """Thin trio driver for the yamux core: one reader task, one writer task, streams as trio Streams.
 
-The reader never writes: control frames it causes (ACK, pong, RST, window updates) are queued in
-the session and flushed by the writer task, so two peers that both write heavily cannot deadlock
-each other through full socket buffers. Every write goes through one lock (one writer at a time),
-and session control frames queued so far are always written before the data that follows them.
+Only the writer task writes to the socket. The reader queues the control frames it causes (ACK,
+pong, RST, window updates) in the core, so two peers that both write heavily cannot deadlock each
+other through full socket buffers. A stream takes the send lock, queues one batch of data frames
+in the core and waits until the writer has written it; the writer drains the core's queue in
+order, so control frames queued so far always precede the data that follows them. A stream task
+cancelled while waiting leaves its batch to be written whole (never half a Noise frame), and
+closing the connection cancels the writer at once, even mid-write to a peer that stopped reading.
+
+Resources: the connection is given a ConnectionScope (the host's resource manager; unlimited by
+default). Every stream, inbound or outbound, must be admitted by it with its receive window
+reserved; window growth (auto-tuning) only happens as far as the stream's budget allows; rule
+violations and limit hits are reported to it (it logs, counts and may close the connection).
 """
 
 from __future__ import annotations
@@ -11,11 +19,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
+from typing import Protocol
 
 import trio
 
 from ..errors import ConnectionClosed, ProtocolError, StreamReset
 from ..logfmt import fmt
+from ..streamio import MemoryBudget, ResourceLimitExceeded
 from . import yamux
 
 log = logging.getLogger("p2pnode.yamux")
@@ -23,48 +33,132 @@ WRITE_BATCH = 256 * 1024
 WRITE_TIMEOUT = 60.0
 
 
-class YamuxStream(trio.abc.HalfCloseableStream):
-    """One multiplexed stream. `protocol` is set once multistream-select agreed on one."""
+# -- what the connection needs from the resource manager --------------------------------------
+class StreamScope(MemoryBudget, Protocol):
+    def done(self) -> None:
+        """The stream ended: release what it reserved and its slot. Called once."""
 
-    def __init__(self, conn: YamuxConnection, stream_id: int):
-        self._conn = conn
+
+class ConnectionScope(Protocol):
+    def open_stream(self, inbound: bool, window: int) -> StreamScope | None:
+        """Admit a stream, reserving `window` bytes for its receive buffer; None refuses it."""
+
+    def report(self, event: str, detail: str) -> None:
+        """Something the peer caused: a rule broken, a limit hit, a timeout (see host.resources)."""
+
+
+class _Unlimited:
+    """The scope of a connection without a resource manager (tests, tools)."""
+
+    def reserve(self, n: int) -> None:
+        pass
+
+    def release(self, n: int) -> None:
+        pass
+
+    def available(self) -> int:
+        return 1 << 62
+
+    def done(self) -> None:
+        pass
+
+    def open_stream(self, inbound: bool, window: int) -> StreamScope | None:
+        return self
+
+    def report(self, event: str, detail: str) -> None:
+        log.debug(fmt(event, detail=detail))
+
+
+UNLIMITED = _Unlimited()
+
+
+# -- what a stream needs from its connection ---------------------------------------------------
+class StreamTransport(Protocol):
+    """The narrow interface a YamuxStream uses; YamuxConnection implements it."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    def send_window(self, stream_id: int) -> int: ...
+
+    async def send_data(self, stream_id: int, data: memoryview) -> None:
+        """Write `data` (at most the send window) as one batch; raises StreamReset if the
+        stream went away meanwhile, ConnectionClosed if the connection did."""
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        """The application read `n` bytes: grant them back to the peer."""
+
+    def close_write(self, stream_id: int) -> None:
+        """Queue FIN."""
+
+    def reset(self, stream_id: int) -> None:
+        """Queue RST and forget the stream."""
+
+
+class YamuxStream(trio.abc.HalfCloseableStream):
+    """One multiplexed stream. `protocol` is set once multistream-select agreed on one;
+    `budget` accounts what this stream buffers (MessageReader reserves messages against it)."""
+
+    def __init__(self, transport: StreamTransport, stream_id: int, budget: StreamScope):
+        self._transport = transport
         self.stream_id = stream_id
+        self.budget: MemoryBudget = budget
+        self._scope = budget
         self.protocol: str | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._eof = False
         self._reset = False
         self._closed = False
         self._write_closed = False
+        self._done = False
         self._readable = trio.lowlevel.ParkingLot()
         self._writable = trio.lowlevel.ParkingLot()
         self._receiving = False
         self._sending = False
 
     @property
-    def connection(self) -> YamuxConnection:
-        return self._conn
+    def connection(self) -> StreamTransport:
+        return self._transport
 
     def unread(self, data: bytes) -> None:
         """Put back bytes read past a negotiation; they are returned first by receive_some."""
         if data:
             self._chunks.appendleft(data)
 
-    # -- called by the connection ------------------------------------------------------------
-    def _on_data(self, data: bytes) -> None:
+    # -- called by the connection (not for applications) ---------------------------------------
+    def deliver_data(self, data: bytes) -> None:
         if self._closed:
-            self._conn._consumed(self.stream_id, len(data))  # nobody will read it; don't stall the peer
+            self._transport.consumed(self.stream_id, len(data))  # nobody will read it; don't stall the peer
             return
         self._chunks.append(data)
         self._readable.unpark_all()
 
-    def _on_eof(self) -> None:
+    def deliver_eof(self) -> None:
         self._eof = True
         self._readable.unpark_all()
 
-    def _on_reset(self) -> None:
+    def deliver_reset(self) -> None:
+        """The peer reset the stream, or the connection is gone: buffered data is dropped."""
         self._reset = True
+        self._chunks.clear()
+        self._finish()
         self._readable.unpark_all()
         self._writable.unpark_all()
+
+    def wake_writer(self) -> None:
+        self._writable.unpark_all()
+
+    def deliver_connection_closed(self) -> None:
+        if self._eof:  # it had all its data; only writes fail now
+            self.wake_writer()
+            self._finish()
+        else:
+            self.deliver_reset()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._scope.done()
 
     # -- trio Stream API -----------------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -78,7 +172,9 @@ class YamuxStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("stream was closed locally")
                 if self._reset:
                     raise StreamReset(f"stream {self.stream_id} was reset")
-                if self._eof or self._conn.is_closed:
+                if self._eof or self._transport.is_closed:
+                    if self._write_closed:
+                        self._finish()
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 await self._readable.park()
@@ -86,7 +182,7 @@ class YamuxStream(trio.abc.HalfCloseableStream):
             if max_bytes is not None and len(chunk) > max_bytes:
                 self._chunks.appendleft(chunk[max_bytes:])
                 chunk = chunk[:max_bytes]
-            self._conn._consumed(self.stream_id, len(chunk))
+            self._transport.consumed(self.stream_id, len(chunk))
             await trio.lowlevel.cancel_shielded_checkpoint()
             return chunk
         finally:
@@ -98,7 +194,6 @@ class YamuxStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             view = memoryview(data).cast("B")
-            session = self._conn.session
             if not view:
                 await trio.lowlevel.checkpoint()
             while view:
@@ -107,9 +202,8 @@ class YamuxStream(trio.abc.HalfCloseableStream):
                     await self._writable.park()
                     window = self._check_writable()
                 n = min(window, len(view), WRITE_BATCH)
-                frames = session.send_data(self.stream_id, view[:n])
+                await self._transport.send_data(self.stream_id, view[:n])
                 view = view[n:]
-                await self._conn._write(frames)
         finally:
             self._sending = False
 
@@ -118,9 +212,9 @@ class YamuxStream(trio.abc.HalfCloseableStream):
             raise StreamReset(f"stream {self.stream_id} was reset")
         if self._closed or self._write_closed:
             raise trio.ClosedResourceError("stream is closed for writing")
-        if self._conn.is_closed:
+        if self._transport.is_closed:
             raise ConnectionClosed("connection closed")
-        return self._conn.session.send_window(self.stream_id)
+        return self._transport.send_window(self.stream_id)
 
     async def wait_send_all_might_not_block(self) -> None:
         while self._check_writable() == 0:
@@ -131,7 +225,9 @@ class YamuxStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         self._write_closed = True
-        self._conn._close_stream(self.stream_id)
+        self._transport.close_write(self.stream_id)
+        if self._eof and not self._chunks:
+            self._finish()
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -141,10 +237,11 @@ class YamuxStream(trio.abc.HalfCloseableStream):
         self._closed = True
         self._write_closed = True
         for chunk in self._chunks:
-            self._conn._consumed(self.stream_id, len(chunk))
+            self._transport.consumed(self.stream_id, len(chunk))
         self._chunks.clear()
         if not self._reset:
-            self._conn._close_stream(self.stream_id)
+            self._transport.close_write(self.stream_id)
+        self._finish()
         self._readable.unpark_all()
         self._writable.unpark_all()
         await trio.lowlevel.checkpoint()
@@ -153,9 +250,9 @@ class YamuxStream(trio.abc.HalfCloseableStream):
         """Abort the stream in both directions (RST)."""
         if not self._reset:
             self._reset = True
-            self._conn.session.reset_stream(self.stream_id)
-            self._conn._forget(self.stream_id)
-            self._conn._kick_writer()
+            self._chunks.clear()
+            self._transport.reset(self.stream_id)
+            self._finish()
         self._readable.unpark_all()
         self._writable.unpark_all()
         await trio.lowlevel.checkpoint()
@@ -168,16 +265,18 @@ class YamuxConnection:
     def __init__(
         self,
         channel: trio.abc.Stream,
-        session: yamux.YamuxSession,
+        core: yamux.YamuxCore,
         *,
         initial: bytes = b"",
         label: str = "",
         keepalive_interval: float = 30.0,
         keepalive_timeout: float = 20.0,
+        scope: ConnectionScope = UNLIMITED,
     ):
         self.channel = channel
-        self.session = session
+        self.core = core
         self.label = label
+        self.scope = scope
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self._initial = initial
@@ -185,9 +284,12 @@ class YamuxConnection:
         self._send_lock = trio.StrictFIFOLock()
         self._write_broken = False
         self._writer_wakeup = trio.Event()
+        self._flushed = trio.Event()  # set once everything queued so far is written
         self._inbound_send, self.inbound = trio.open_memory_channel[YamuxStream](math.inf)
         self._pongs: dict[int, trio.Event] = {}
         self._closed = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
         self.close_reason: str | None = None
         self.last_rtt: float | None = None
         self._cancel_scope: trio.CancelScope | None = None
@@ -203,6 +305,19 @@ class YamuxConnection:
     def stream_count(self) -> int:
         return len(self._streams)
 
+    async def wait_idle(self) -> None:
+        """Return once no stream is open (or the connection is closed)."""
+        await self._idle.wait()
+
+    def _add_stream(self, stream: YamuxStream) -> None:
+        self._streams[stream.stream_id] = stream
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _drop_stream(self, stream_id: int) -> None:
+        if self._streams.pop(stream_id, None) is not None and not self._streams:
+            self._idle.set()
+
     # -- lifetime ------------------------------------------------------------------------------
     async def run(self) -> None:
         try:
@@ -217,21 +332,21 @@ class YamuxConnection:
             await self._close_channel()
 
     async def _reader(self) -> None:
-        data = self._initial
+        data: bytes | bytearray = self._initial
         self._initial = b""
         while True:
             if data:
                 try:
-                    events = self.session.receive_data(data)
+                    events = self.core.receive_data(data)
                 except ProtocolError as exc:
-                    log.warning(fmt("yamux_protocol_error", conn=self.label, reason=str(exc)))
+                    self.scope.report("yamux_protocol_error", str(exc))
                     self.close_reason = f"protocol error: {exc}"
-                    self.session.go_away(yamux.GO_AWAY_PROTOCOL_ERROR)
+                    self.core.send_go_away(yamux.GO_AWAY_PROTOCOL_ERROR)
                     await self._flush_quietly()
                     return
                 for event in events:
                     self._dispatch(event)
-                if self.session.has_output:
+                if self.core.has_output:
                     self._kick_writer()
             try:
                 data = await self.channel.receive_some()
@@ -239,7 +354,7 @@ class YamuxConnection:
                 self.close_reason = self.close_reason or f"read failed: {exc!r}"
                 return
             except ProtocolError as exc:  # noise authentication failure
-                log.warning(fmt("secure_channel_error", conn=self.label, reason=str(exc)))
+                self.scope.report("secure_channel_error", str(exc))
                 self.close_reason = f"secure channel error: {exc}"
                 return
             if not data:
@@ -250,57 +365,76 @@ class YamuxConnection:
         if isinstance(event, yamux.DataReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._on_data(event.data)
+                stream.deliver_data(event.data)
             else:
-                self.session.consume(event.stream_id, len(event.data), trio.current_time())
+                self.core.consume(event.stream_id, len(event.data), trio.current_time())
         elif isinstance(event, yamux.WindowUpdated):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._writable.unpark_all()
+                stream.wake_writer()
         elif isinstance(event, yamux.StreamOpened):
-            stream = YamuxStream(self, event.stream_id)
-            self._streams[event.stream_id] = stream
+            scope = self.scope.open_stream(True, self.core.initial_window)
+            if scope is None:
+                self.core.send_reset(event.stream_id)
+                self.scope.report("stream_refused", f"stream {event.stream_id}: resource limit")
+                return
+            stream = YamuxStream(self, event.stream_id, scope)
+            self._add_stream(stream)
             self._inbound_send.send_nowait(stream)
         elif isinstance(event, yamux.StreamEnded):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._on_eof()
-                if not self.session.is_open(event.stream_id):
-                    self._streams.pop(event.stream_id, None)
+                stream.deliver_eof()
+                if not self.core.is_open(event.stream_id):
+                    self._drop_stream(event.stream_id)
         elif isinstance(event, yamux.StreamResetByPeer):
-            stream = self._streams.pop(event.stream_id, None)
+            stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._on_reset()
+                self._drop_stream(event.stream_id)
+                stream.deliver_reset()
         elif isinstance(event, yamux.PongReceived):
             waiter = self._pongs.pop(event.opaque, None)
             if waiter is not None:
                 waiter.set()
         elif isinstance(event, yamux.StreamRefused):
-            level = logging.DEBUG if self.session.go_away_sent else logging.WARNING
-            log.log(level, fmt("stream_refused", conn=self.label, stream=event.stream_id, reason=event.reason))
+            if not self.core.go_away_sent:
+                self.scope.report("stream_refused", f"stream {event.stream_id}: {event.reason}")
         elif isinstance(event, yamux.GoAwayReceived):
-            log.info(fmt("go_away_received", conn=self.label, code=event.code))
+            log.debug(fmt("go_away_received", conn=self.label, code=event.code))
 
     async def _writer(self) -> None:
-        while True:
-            await self._writer_wakeup.wait()
-            self._writer_wakeup = trio.Event()
-            if self.session.has_output:
-                try:
-                    await self._write(b"")
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ConnectionClosed):
-                    self._abort("write failed")
-                    return
+        try:
+            while True:
+                await self._writer_wakeup.wait()
+                self._writer_wakeup = trio.Event()
+                flushed, self._flushed = self._flushed, trio.Event()
+                payload = self.core.data_to_send()
+                if payload:
+                    try:
+                        with trio.fail_after(WRITE_TIMEOUT):
+                            await self.channel.send_all(payload)
+                    except trio.TooSlowError:
+                        self._write_broken = True
+                        self.abort(f"write stalled for {WRITE_TIMEOUT:g}s")
+                        return
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        self._write_broken = True
+                        self.abort("write failed")
+                        return
+                flushed.set()
+        finally:
+            self._write_broken = True
+            self._flushed.set()
 
     async def _keepalive(self) -> None:
         """Ping at once (the RTT drives window auto-tuning), then every keepalive_interval if > 0."""
         while True:
             try:
                 self.last_rtt = await self.ping(timeout=self.keepalive_timeout)
-                self.session.rtt = self.last_rtt
+                self.core.rtt = self.last_rtt
             except trio.TooSlowError:
-                log.warning(fmt("keepalive_timeout", conn=self.label, timeout=self.keepalive_timeout))
-                self._abort("keepalive timeout")
+                self.scope.report("keepalive_timeout", f"no pong within {self.keepalive_timeout:g}s")
+                self.abort("keepalive timeout")
                 return
             except ConnectionClosed:
                 return
@@ -314,17 +448,18 @@ class YamuxConnection:
         self.close_reason = self.close_reason or reason
         self._closed.set()
         self._inbound_send.close()
-        for stream in self._streams.values():
-            if stream._eof:  # it had all its data; only writes fail now
-                stream._writable.unpark_all()
-            else:
-                stream._on_reset()
+        streams = list(self._streams.values())
         self._streams.clear()
+        self._idle.set()
+        self._write_broken = True
+        self._flushed.set()
+        for stream in streams:
+            stream.deliver_connection_closed()
         for waiter in self._pongs.values():
             waiter.set()
 
-    def _abort(self, reason: str) -> None:
-        """End the connection from inside (run() then closes the channel)."""
+    def abort(self, reason: str) -> None:
+        """End the connection at once, without go-away (run() then closes the channel)."""
         self.close_reason = self.close_reason or reason
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
@@ -336,64 +471,76 @@ class YamuxConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
 
-    # -- helpers used by streams ---------------------------------------------------------------
     def _kick_writer(self) -> None:
         self._writer_wakeup.set()
 
-    def _consumed(self, stream_id: int, n: int) -> None:
-        self.session.consume(stream_id, n, trio.current_time())
-        if self.session.has_output:
-            self._kick_writer()
+    # -- StreamTransport: what streams call ------------------------------------------------------
+    def send_window(self, stream_id: int) -> int:
+        return self.core.send_window(stream_id)
 
-    def _close_stream(self, stream_id: int) -> None:
-        self.session.close_stream(stream_id)
-        if not self.session.is_open(stream_id):
-            self._streams.pop(stream_id, None)
-        self._kick_writer()
-
-    def _forget(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
-
-    async def _write(self, frames: bytes) -> None:
+    async def send_data(self, stream_id: int, data: memoryview) -> None:
         async with self._send_lock:
             if self.is_closed or self._write_broken:
                 raise ConnectionClosed(f"connection closed: {self.close_reason}")
-            control = self.session.data_to_send()
-            payload = control + frames if control else frames
-            if payload:
-                # A batch of frames is written whole: cancelling the caller half-way would leave the
-                # peer with half a Noise frame, and every later byte would reach it as corruption.
-                # The caller's cancellation lands at its next checkpoint; a peer that stops reading
-                # is bounded by WRITE_TIMEOUT.
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(WRITE_TIMEOUT) as timer:
-                        try:
-                            await self.channel.send_all(payload)
-                        except BaseException:
-                            self._write_broken = True
-                            raise
-                if timer.cancelled_caught:
-                    self._write_broken = True
-                    self._abort(f"write stalled for {WRITE_TIMEOUT:g}s")
-                    raise ConnectionClosed(self.close_reason)
+            if self.core.send_window(stream_id) < len(data):  # the window only shrinks if the stream went away
+                raise StreamReset(f"stream {stream_id} was closed or reset while writing")
+            self.core.send_data(stream_id, data)
+            await self._flush()
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self.core.consume(stream_id, n, trio.current_time())
+        else:
+            growth = self.core.consume(stream_id, n, trio.current_time(), stream.budget.available())
+            if growth:
+                stream.budget.reserve(growth)
+        if self.core.has_output:
+            self._kick_writer()
+
+    def close_write(self, stream_id: int) -> None:
+        self.core.send_close(stream_id)
+        if not self.core.is_open(stream_id):
+            self._drop_stream(stream_id)
+        self._kick_writer()
+
+    def reset(self, stream_id: int) -> None:
+        self.core.send_reset(stream_id)
+        self._drop_stream(stream_id)
+        self._kick_writer()
+
+    # -- writing -----------------------------------------------------------------------------------
+    async def _flush(self) -> None:
+        """Wait until the writer has written everything queued so far."""
+        flushed = self._flushed
+        self._kick_writer()
+        await flushed.wait()
+        if self._write_broken:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
 
     async def _flush_quietly(self) -> None:
         with trio.move_on_after(1):
             try:
-                await self._write(b"")
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ConnectionClosed):
+                await self._flush()
+            except ConnectionClosed:
                 pass
 
     # -- public API ------------------------------------------------------------------------------
     async def open_stream(self) -> YamuxStream:
+        """Open a stream. Raises ConnectionClosed, or ResourceLimitExceeded when the resource
+        manager has no room for another stream's receive window."""
         if self.is_closed:
             raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        scope = self.scope.open_stream(False, self.core.initial_window)
+        if scope is None:
+            raise ResourceLimitExceeded(f"no room for another stream to {self.label}")
         try:
-            sid = self.session.open_stream()
+            sid = self.core.open_stream()
         except ProtocolError as exc:
+            scope.done()
             raise ConnectionClosed(str(exc)) from None
-        stream = YamuxStream(self, sid)
-        self._streams[sid] = stream
+        stream = YamuxStream(self, sid, scope)
+        self._add_stream(stream)
         # The SYN is queued: it rides in front of the stream's first write (usually the
         # multistream proposal, right away), or the writer task sends it alone if none follows.
         # Not yielding here is what lets the first write take it.
@@ -405,7 +552,7 @@ class YamuxConnection:
         """Round-trip time of a yamux ping, in seconds."""
         if self.is_closed:
             raise ConnectionClosed(f"connection closed: {self.close_reason}")
-        opaque = self.session.ping()
+        opaque = self.core.send_ping()
         waiter = trio.Event()
         self._pongs[opaque] = waiter
         start = trio.current_time()
@@ -425,9 +572,9 @@ class YamuxConnection:
             await trio.lowlevel.checkpoint()
             return
         self.close_reason = self.close_reason or ("local close" if code == yamux.GO_AWAY_NORMAL else f"go-away code {code}")
-        self.session.go_away(code)
+        self.core.send_go_away(code)
         with trio.CancelScope(shield=True):
             await self._flush_quietly()
             self._mark_closed(self.close_reason)
+            self.abort(self.close_reason)
             await self._close_channel()
-        self._abort(self.close_reason)
