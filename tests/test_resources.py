@@ -113,6 +113,15 @@ def test_total_connections_include_handshakes():
     assert hs is not None and rm.admit_inbound("10.0.0.3") is None and rm.admit_outbound() is None
 
 
+def test_our_dials_do_not_take_inbound_handshake_slots():
+    rm, _ = manager(Limits(max_handshakes=1))
+    dials = [rm.admit_outbound() for _ in range(5)]
+    assert all(dials) and rm.admit_inbound("10.0.0.1") is not None and rm.admit_inbound("10.0.0.2") is None
+    for d in dials:
+        d.release()
+    assert rm.dials == 0 and rm.handshakes == 1
+
+
 def test_non_member_connections_are_capped_evicting_the_longest_idle_past_grace():
     member = KeyPair.generate().peer_id
     rm, clock = manager(Limits(max_unprotected_connections=2, unprotected_grace_period=10), protected={member})

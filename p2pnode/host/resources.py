@@ -392,7 +392,8 @@ class ResourceManager:
         self.is_protected = is_protected
         self.total = Account("node", limits.total_memory)
         self.unprotected = Account("non-member", limits.unprotected_memory)
-        self.handshakes = 0
+        self.handshakes = 0  # inbound, not yet authenticated
+        self.dials = 0  # outbound, not yet authenticated
         self.handshakes_per_ip: collections.Counter[str] = collections.Counter()
         self.unprotected_per_ip: collections.Counter[str] = collections.Counter()
         self.peers: dict[PeerId, PeerAccount] = {}
@@ -402,7 +403,7 @@ class ResourceManager:
         self._offenders: collections.OrderedDict[PeerId | str, _Offender] = collections.OrderedDict()
         self.counts: collections.Counter[str] = collections.Counter()  # since the last summary
         self.totals: collections.Counter[str] = collections.Counter()  # since start
-        self._last_summary = clock()
+        self._last_summary: float | None = None
         self.logs = RateLimitedLog(log, clock, interval=limits.log_interval)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -428,6 +429,8 @@ class ResourceManager:
         }
 
     def count(self, reason: str) -> None:
+        if self._last_summary is None:
+            self._last_summary = self.clock()
         self.counts[reason] += 1
         self.totals[reason] += 1
 
@@ -443,7 +446,7 @@ class ResourceManager:
         if self.handshakes >= limits.max_handshakes:
             self.count("handshake_limit")
             return None
-        if self.connections + self.handshakes >= limits.max_connections:
+        if self.connections + self.handshakes + self.dials >= limits.max_connections:
             self.count("connection_limit")
             return None
         if not exempt and self.handshakes_per_ip[ip] + self.unprotected_per_ip[ip] >= limits.max_connections_per_ip:
@@ -455,13 +458,16 @@ class ResourceManager:
         return Handshake(self, ip, inbound=True)
 
     def admit_outbound(self) -> Handshake | None:
-        if self.connections + self.handshakes >= self.limits.max_connections:
+        if self.connections + self.handshakes + self.dials >= self.limits.max_connections:
             self.count("connection_limit")
             return None
-        self.handshakes += 1
+        self.dials += 1
         return Handshake(self, None, inbound=False)
 
     def _handshake_done(self, hs: Handshake) -> None:
+        if not hs.inbound:
+            self.dials -= 1
+            return
         self.handshakes -= 1
         if hs.ip is not None and not self.limits.is_exempt(hs.ip):
             _decrement(self.handshakes_per_ip, hs.ip)
@@ -601,7 +607,7 @@ class ResourceManager:
         for key in [k for k, o in self._offenders.items() if self._forgettable(o, now)]:
             del self._offenders[key]
         self.logs.flush()
-        if self.counts and now - self._last_summary >= limits.log_interval:
+        if self.counts and self._last_summary is not None and now - self._last_summary >= limits.log_interval:
             self._last_summary = now
             log.info(fmt("resource_summary", seconds=f"{limits.log_interval:g}", **dict(sorted(self.counts.items())),
                          memory=self.total.used, connections=self.connections))

@@ -8,10 +8,11 @@ import trio
 
 from ..errors import ProtocolError
 from ..streamio import RECEIVE_SIZE
-from .multistream import Event, MultistreamDialerCore, MultistreamListenerCore, ProtocolAgreed
+from .multistream import MultistreamDialerCore, MultistreamListenerCore, ProtocolAgreed
 
 
-async def _drive(stream: trio.abc.Stream, core: MultistreamDialerCore | MultistreamListenerCore, initial: bytes) -> Event:
+async def _agree(stream: trio.abc.Stream, core: MultistreamDialerCore | MultistreamListenerCore, initial: bytes) -> ProtocolAgreed:
+    """Send what the core queued, then pump bytes until it reports the agreement."""
     out = core.data_to_send()
     if out:
         await stream.send_all(out)
@@ -23,7 +24,9 @@ async def _drive(stream: trio.abc.Stream, core: MultistreamDialerCore | Multistr
             if out:
                 await stream.send_all(out)
             if events:
-                return events[0]
+                event = events[0]
+                assert isinstance(event, ProtocolAgreed)  # a proposal (not `ls`) ends in an agreement
+                return event
         data = await stream.receive_some(RECEIVE_SIZE)
         if not data:
             raise ProtocolError("stream closed during multistream-select")
@@ -33,16 +36,12 @@ async def select(stream: trio.abc.Stream, protocols: Sequence[str], *, initial: 
     """Propose `protocols` in order; returns the agreed one (raises NegotiationFailed if none)."""
     core = MultistreamDialerCore(protocols)
     core.send_proposal()
-    event = await _drive(stream, core, initial)
-    assert isinstance(event, ProtocolAgreed)
-    return event
+    return await _agree(stream, core, initial)
 
 
 async def answer(stream: trio.abc.Stream, supported: Collection[str], *, initial: bytes = b"") -> ProtocolAgreed:
     """Answer proposals with the protocols in `supported` (any collection supporting `in`)."""
     core = MultistreamListenerCore(supported)
     core.send_header()
-    event = await _drive(stream, core, initial)
-    assert isinstance(event, ProtocolAgreed)
-    return event
+    return await _agree(stream, core, initial)
 

@@ -1,12 +1,13 @@
 """Thin trio driver for the yamux core: one reader task, one writer task, streams as trio Streams.
 
-Only the writer task writes to the socket. The reader queues the control frames it causes (ACK,
-pong, RST, window updates) in the core, so two peers that both write heavily cannot deadlock each
-other through full socket buffers. A stream takes the send lock, queues one batch of data frames
-in the core and waits until the writer has written it; the writer drains the core's queue in
-order, so control frames queued so far always precede the data that follows them. A stream task
-cancelled while waiting leaves its batch to be written whole (never half a Noise frame), and
-closing the connection cancels the writer at once, even mid-write to a peer that stopped reading.
+The reader never writes: control frames it causes (ACK, pong, RST, window updates) are queued in
+the core and flushed by the writer task, so two peers that both write heavily cannot deadlock
+each other through full socket buffers. Every write holds one lock and drains the core's queue
+in order, so control frames queued so far always precede the data that follows them; a stream
+queues its batch only once it holds the lock. A write is shielded from its task's cancellation
+(half a Noise frame would corrupt everything after it); what ends a write stuck on a peer that
+stopped reading is the connection closing its socket (a protocol error, a resource limit, a
+timeout, aclose), which happens before the connection waits for its tasks.
 
 Resources: the connection is given a ConnectionScope (the host's resource manager; unlimited by
 default). Every stream, inbound or outbound, must be admitted by it with its receive window
@@ -283,8 +284,8 @@ class YamuxConnection:
         self._streams: dict[int, YamuxStream] = {}
         self._send_lock = trio.StrictFIFOLock()
         self._write_broken = False
+        self._channel_closed = False
         self._writer_wakeup = trio.Event()
-        self._flushed = trio.Event()  # set once everything queued so far is written
         self._inbound_send, self.inbound = trio.open_memory_channel[YamuxStream](math.inf)
         self._pongs: dict[int, trio.Event] = {}
         self._closed = trio.Event()
@@ -325,8 +326,12 @@ class YamuxConnection:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._keepalive)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._reader()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self._mark_closed(self.close_reason or "closed")
+                    await self._close_channel()  # ends a shielded write stuck on a peer that stopped reading
         finally:
             self._mark_closed(self.close_reason or "closed")
             await self._close_channel()
@@ -403,28 +408,15 @@ class YamuxConnection:
             log.debug(fmt("go_away_received", conn=self.label, code=event.code))
 
     async def _writer(self) -> None:
-        try:
-            while True:
-                await self._writer_wakeup.wait()
-                self._writer_wakeup = trio.Event()
-                flushed, self._flushed = self._flushed, trio.Event()
-                payload = self.core.data_to_send()
-                if payload:
-                    try:
-                        with trio.fail_after(WRITE_TIMEOUT):
-                            await self.channel.send_all(payload)
-                    except trio.TooSlowError:
-                        self._write_broken = True
-                        self.abort(f"write stalled for {WRITE_TIMEOUT:g}s")
-                        return
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        self._write_broken = True
-                        self.abort("write failed")
-                        return
-                flushed.set()
-        finally:
-            self._write_broken = True
-            self._flushed.set()
+        while True:
+            await self._writer_wakeup.wait()
+            self._writer_wakeup = trio.Event()
+            if self.core.has_output:
+                try:
+                    async with self._send_lock:
+                        await self._write_queued()
+                except ConnectionClosed:
+                    return
 
     async def _keepalive(self) -> None:
         """Ping at once (the RTT drives window auto-tuning), then every keepalive_interval if > 0."""
@@ -451,8 +443,6 @@ class YamuxConnection:
         streams = list(self._streams.values())
         self._streams.clear()
         self._idle.set()
-        self._write_broken = True
-        self._flushed.set()
         for stream in streams:
             stream.deliver_connection_closed()
         for waiter in self._pongs.values():
@@ -465,6 +455,10 @@ class YamuxConnection:
             self._cancel_scope.cancel()
 
     async def _close_channel(self) -> None:
+        if self._channel_closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._channel_closed = True
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await self.channel.aclose()
@@ -485,7 +479,7 @@ class YamuxConnection:
             if self.core.send_window(stream_id) < len(data):  # the window only shrinks if the stream went away
                 raise StreamReset(f"stream {stream_id} was closed or reset while writing")
             self.core.send_data(stream_id, data)
-            await self._flush()
+            await self._write_queued()
 
     def consumed(self, stream_id: int, n: int) -> None:
         stream = self._streams.get(stream_id)
@@ -510,20 +504,43 @@ class YamuxConnection:
         self._kick_writer()
 
     # -- writing -----------------------------------------------------------------------------------
-    async def _flush(self) -> None:
-        """Wait until the writer has written everything queued so far."""
-        flushed = self._flushed
-        self._kick_writer()
-        await flushed.wait()
-        if self._write_broken:
+    async def _write_queued(self) -> None:
+        """Write everything the core has queued; the caller holds the send lock."""
+        if self.is_closed or self._write_broken:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        payload = self.core.data_to_send()
+        if not payload:
+            return
+        # A batch of frames is written whole: cancelling the caller half-way would leave the
+        # peer with half a Noise frame, and every later byte would reach it as corruption. The
+        # caller's cancellation lands at its next checkpoint; a peer that stops reading is
+        # bounded by WRITE_TIMEOUT, or by the connection closing its socket.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_TIMEOUT) as timer:
+                try:
+                    await self.channel.send_all(payload)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._write_broken = True
+                    self.abort(f"write failed: {exc or type(exc).__name__}")
+                    raise ConnectionClosed(f"connection closed: {self.close_reason}") from None
+        if timer.cancelled_caught:
+            self._write_broken = True
+            self.abort(f"write stalled for {WRITE_TIMEOUT:g}s")
             raise ConnectionClosed(f"connection closed: {self.close_reason}")
 
     async def _flush_quietly(self) -> None:
-        with trio.move_on_after(1):
-            try:
-                await self._flush()
-            except ConnectionClosed:
-                pass
+        """Best effort before closing (go-away): write what is queued, within a second (a write
+        already under way may be stuck on a peer that does not read; closing the socket ends it)."""
+        with trio.move_on_after(1) as timer:
+            async with self._send_lock:
+                payload = self.core.data_to_send()
+                if payload and not self._write_broken:
+                    try:
+                        await self.channel.send_all(payload)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        self._write_broken = True
+        if timer.cancelled_caught:
+            self._write_broken = True  # perhaps half a frame went out: nothing more may follow
 
     # -- public API ------------------------------------------------------------------------------
     async def open_stream(self) -> YamuxStream:
