@@ -174,6 +174,7 @@ def _networks(prefixes: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddr
     return tuple(ipaddress.ip_network(p, strict=False) for p in prefixes)
 
 
+@functools.lru_cache(maxsize=4096)
 def _exempt(prefixes: tuple[str, ...], ip: str) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
@@ -343,10 +344,11 @@ class Handshake:
     """A connection being set up (accepted, or being dialed): holds its slot until it is
     authenticated or fails."""
 
-    def __init__(self, manager: ResourceManager, ip: str | None, inbound: bool):
+    def __init__(self, manager: ResourceManager, ip: str | None, inbound: bool, exempt: bool):
         self.manager = manager
         self.ip = ip
         self.inbound = inbound
+        self.exempt = exempt  # from per-IP limits and IP back-off
         self._open = True
 
     def release(self) -> None:
@@ -455,28 +457,28 @@ class ResourceManager:
         self.handshakes += 1
         if not exempt:
             self.handshakes_per_ip[ip] += 1
-        return Handshake(self, ip, inbound=True)
+        return Handshake(self, ip, inbound=True, exempt=exempt)
 
     def admit_outbound(self) -> Handshake | None:
         if self.connections + self.handshakes + self.dials >= self.limits.max_connections:
             self.count("connection_limit")
             return None
         self.dials += 1
-        return Handshake(self, None, inbound=False)
+        return Handshake(self, None, inbound=False, exempt=True)
 
     def _handshake_done(self, hs: Handshake) -> None:
         if not hs.inbound:
             self.dials -= 1
             return
         self.handshakes -= 1
-        if hs.ip is not None and not self.limits.is_exempt(hs.ip):
+        if hs.ip is not None and not hs.exempt:
             _decrement(self.handshakes_per_ip, hs.ip)
 
     def _handshake_failed(self, hs: Handshake, reason: str) -> None:
         self.count("handshake_failed")
         if hs.inbound and hs.ip is not None:
             self.logs.log(logging.INFO, "handshake_failed", direction="inbound", remote=hs.ip, reason=reason)
-            if not self.limits.is_exempt(hs.ip):
+            if not hs.exempt:
                 self._strike(hs.ip, f"failed handshakes: {reason}", None)
 
     def _authenticate(self, hs: Handshake, peer_id: PeerId) -> ConnectionAccount | str:
@@ -493,7 +495,7 @@ class ResourceManager:
                 return f"non-member connection limit {limits.max_unprotected_connections} reached"
         if peer is None:
             peer = self.peers[peer_id] = PeerAccount(self, peer_id, protected)
-        ip = hs.ip if hs.ip is not None and not limits.is_exempt(hs.ip) else None
+        ip = hs.ip if not hs.exempt else None
         conn = ConnectionAccount(self, peer, ip, hs.inbound, now)
         peer.connections.append(conn)
         self.connections += 1
