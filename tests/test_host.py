@@ -302,3 +302,27 @@ async def test_tcp_and_websocket_share_one_port(make_host):
         idle = await trio.open_tcp_stream("127.0.0.1", port)
         assert await ping.ping(b, b.connection_to(a.peer_id))
         await idle.aclose()
+
+
+async def test_websocket_client_may_send_frames_right_behind_its_upgrade_request(make_host):
+    """Bytes that arrive with the HTTP upgrade request (before our 101) are kept, not dropped."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, Request
+
+    async with make_host(LOOPBACK_WS) as a:
+        port = int(a.listen_addrs[0].value_for("tcp"))
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        proposal = b"\x13/multistream/1.0.0\n\x07/noise\n"
+        frame = bytes([0x82, 0x80 | len(proposal)]) + bytes(4) + proposal  # masked with key 0
+        await sock.send_all(ws.send(Request(host="localhost", target="/")) + frame)  # one write
+        got = b""
+        with trio.fail_after(5):
+            while proposal not in got:
+                ws.receive_data(await sock.receive_some())
+                for event in ws.events():
+                    assert isinstance(event, (AcceptConnection, BytesMessage))
+                    if isinstance(event, BytesMessage):
+                        got += event.data
+        assert got == proposal  # the listener's header, then /noise accepted
+        await sock.aclose()
