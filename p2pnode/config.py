@@ -15,6 +15,7 @@ import attrs
 
 from .errors import DecodeError, P2PNodeError
 from .fsutil import atomic_write
+from .host.resources import Limits, LimitsError, parse_limits
 from .identity import PublicKey
 from .multiaddr import Multiaddr
 
@@ -61,6 +62,7 @@ class NodeConfig:
     log_level: str = "info"
     public_status: bool = False
     sync: SyncConfig = SyncConfig()
+    limits: Limits = Limits()  # resource limits (p2pnode/host/resources.py); config.json keeps the changed ones
 
     @property
     def key_path(self) -> Path:
@@ -80,6 +82,7 @@ class NodeConfig:
             "log_level": self.log_level,
             "public_status": self.public_status,
             "sync": self.sync.to_json(),
+            "limits": self.limits.to_json(),
         }
 
 
@@ -182,6 +185,11 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         kw["public_status"] = raw["public_status"]
     if "sync" in raw:
         kw["sync"] = _sync_section(raw["sync"])
+    if "limits" in raw:
+        try:
+            kw["limits"] = parse_limits(raw["limits"])
+        except LimitsError as exc:
+            raise ConfigError(str(exc)) from None
     return NodeConfig(data_dir=data_dir, **kw)
 
 
