@@ -479,8 +479,8 @@ class Applier:
         e = fw.entry
         tmp_rel = f"{op.dir_name}/{op.tmp}" if op.dir_name else op.tmp
         p = Partial(tmp_rel, e.size, e.block_size, frozenset(op.satisfied))
+        op.unsaved = 0  # at the snapshot: blocks written while it is stored count towards the next save
         await self.db.write(lambda c: self.repo.put_partial(c, self.folder, e.name, p))
-        op.unsaved = 0
 
     def _open_temp(self, fw: FileWrite, partial: Partial | None, report: ApplyReport) -> _OpenFile:
         """Open the directory, clear what is in the way, and open (resume) or create the temp file."""

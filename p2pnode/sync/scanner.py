@@ -33,7 +33,7 @@ import trio
 
 from ..logfmt import fmt
 from . import names
-from .blocks import Hashed, HashFailure, Hasher, HashJob, HashOutcome, StatSig
+from .blocks import RACY_NS, Hashed, HashFailure, Hasher, HashJob, HashOutcome, StatSig
 from .database import Database
 from .ignore import IgnoreRules, read_ignore_file
 from .index_db import IndexRepo, SourceChange, SourceRow
@@ -45,7 +45,9 @@ BATCH_FILES = 2000
 BATCH_BYTES = 256 * 1024 * 1024
 MAX_PROBLEMS = 100  # kept in a report; the count goes on
 MAX_LOGGED_PROBLEMS = 20  # per scan; then one summary line
-MAX_RESCAN_PATHS = 10_000  # more paths than this in one rescan: a full scan is cheaper
+MAX_RESCAN_PATHS = 10_000
+RACY_ROUNDS = 3  # files that changed while (or just before) they were hashed are hashed again this many times
+RACY_WAIT_S = RACY_NS / 1e9  # after this long without a change, a file is no longer racy  # more paths than this in one rescan: a full scan is cheaper
 
 
 @attrs.frozen
@@ -314,17 +316,17 @@ class Scanner:
         par = names.parent(name)
         if par:
             par_row = self.repo.source_row(conn, self.folder.id, par)
-            if par_row is None or par_row.deleted:
+            try:
+                par_st: os.stat_result | None = os.lstat(self._abs(names.parent(disk)))
+            except OSError:
+                par_st = None
+            if par_row is None or par_row.deleted or par_st is None or _kind(par_st.st_mode) != DIR:
+                # the parent is new (its own event was missed) or gone: look at it instead, with its subtree
                 self._examine_start(conn, par, names.parent(disk), batch, pending, report)
                 return
-            try:
-                st = os.lstat(self._abs(names.parent(disk)))
-            except OSError:
-                st = None
-            if st is not None and _kind(st.st_mode) == DIR:
-                sub: deque[tuple[str, str]] = deque()  # the parent's entry only, not its other children
-                self._examine(par, names.parent(disk), st, DIR, par_row, batch, sub, report)
-                report.entries_seen -= 1
+            sub: deque[tuple[str, str]] = deque()  # the parent's entry only, not its other children
+            self._examine(par, names.parent(disk), par_st, DIR, par_row, batch, sub, report)
+            report.entries_seen -= 1
         try:
             st = os.lstat(self._abs(disk))
         except FileNotFoundError:
@@ -344,24 +346,34 @@ class Scanner:
         if batch.empty:
             return
         changes = batch.changes
+        racy: list[str] = []
 
         def on_result(r: HashOutcome) -> None:
-            if isinstance(r, Hashed):
+            if isinstance(r, HashFailure) and r.racy:
+                racy.append(r.name)
+            elif isinstance(r, Hashed):
                 entry = FileEntry(
                     r.name, FILE, 0, r.sig.size, r.sig.mode, r.sig.mtime_ns, r.uid, r.gid, False, r.block_size, r.blocks
                 )
                 changes.append(SourceChange(entry, r.sig, batch.disk_names.get(entry.name)))
-            elif isinstance(r, HashFailure):
+            else:
                 row = batch.known.get(r.name)
-                if r.vanished:
-                    if row is not None and not row.deleted:
-                        changes.append(SourceChange(FileEntry(r.name, FILE, deleted=True), None))
-                    report.problem(r.name, r.reason)
-                else:
-                    report.problem(r.name, r.reason)
+                if r.vanished and row is not None and not row.deleted:
+                    changes.append(SourceChange(FileEntry(r.name, FILE, deleted=True), None))
+                report.problem(r.name, r.reason)
 
-        if batch.jobs:
-            await self.hasher.hash_many(batch.jobs, on_result)
+        jobs = batch.jobs
+        for attempt in range(RACY_ROUNDS + 1):
+            if not jobs:
+                break
+            if attempt:
+                await trio.sleep(RACY_WAIT_S)
+            racy.clear()
+            await self.hasher.hash_many(jobs, on_result)
+            again = set(racy)
+            jobs = [(j, size) for j, size in jobs if j.name in again]
+        for name in racy:
+            report.problem(name, f"kept changing while it was hashed ({RACY_ROUNDS + 1} attempts); rescanned next time")
         if not changes:
             return
         committed = await self.db.write(lambda conn: self.repo.commit_source_changes(conn, self.folder.id, changes))
