@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import attrs
+import trio
 
 from p2pnode.identity import KeyPair
 from p2pnode.sync.apply import ApplyReport, sync_folder
@@ -58,6 +59,18 @@ def make_tree(root: Path, *, large: int = 32 * MiB) -> None:
     stamp(root)
 
 
+def read_at(path: str | Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def write_at(path: str | Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 def stamp(root: Path, t: int = T0) -> None:
     """Give every entry a distinct, fixed mtime (deepest first, so directories keep theirs)."""
     paths = sorted((p for p in root.rglob("*")), key=lambda p: -len(p.parts))
@@ -83,9 +96,7 @@ class CountingProvider:
         if not locs:
             raise LookupError(f"no block {block_hash.hex()[:16]}")
         loc = locs[0]
-        with open(os.path.join(p.src, loc.name), "rb") as f:
-            f.seek(loc.offset)
-            return f.read(loc.size)
+        return await trio.to_thread.run_sync(read_at, os.path.join(p.src, loc.name), loc.offset, loc.size)
 
 
 @attrs.define
@@ -182,8 +193,6 @@ async def _child(base: str, config_file: str, stop_after: int) -> None:
     blocks the provider hangs (the parent kills us with SIGKILL while we wait)."""
     import sys
 
-    import trio
-
     folder = folder_from_file(config_file)
     src_db = await Database.open(Path(base) / "src.db", MIGRATIONS)
     dst_db = await Database.open(Path(base) / "dst.db", MIGRATIONS)
@@ -196,9 +205,7 @@ async def _child(base: str, config_file: str, stop_after: int) -> None:
             await trio.sleep_forever()
         served += 1
         loc = (await src_db.read(lambda c: src_repo.locate(c, block_hash)))[0]
-        with open(os.path.join(folder.source_path, loc.name), "rb") as f:
-            f.seek(loc.offset)
-            data = f.read(loc.size)
+        data = await trio.to_thread.run_sync(read_at, os.path.join(folder.source_path, loc.name), loc.offset, loc.size)
         done += 1
         sys.stdout.write(f"fetched {done}\n")
         sys.stdout.flush()

@@ -21,7 +21,7 @@ from p2pnode.sync.blocks import block_size_for
 from p2pnode.sync.index_db import content_id
 from p2pnode.sync.model import FILE, FileEntry, IndexChunk
 from p2pnode.sync.planner import FileWrite, Plan
-from synckit import MiB, SyncPair, make_tree, stamp
+from synckit import MiB, SyncPair, make_tree, stamp, write_at
 from treecmp import assert_same_tree, differences, snapshot
 
 ROOT = os.geteuid() == 0
@@ -66,9 +66,7 @@ async def test_change_one_mib_fetches_only_changed_blocks(pair: SyncPair):
     make_tree(pair.src)
     await pair.sync()
     assert block_size_for(32 * MiB) == 128 * 1024
-    with open(pair.src / "big.bin", "r+b") as f:
-        f.seek(10 * MiB + 1000)  # unaligned: 1 MiB touches 9 blocks of 128 KiB
-        f.write(os.urandom(MiB))
+    write_at(pair.src / "big.bin", 10 * MiB + 1000, os.urandom(MiB))  # unaligned: 1 MiB touches 9 blocks of 128 KiB
     pair.provider.calls.clear()
     report = await pair.sync()
     assert report.ok, report.errors
@@ -168,9 +166,7 @@ async def test_toggle_ignore_permissions(pair: SyncPair):
 async def test_local_edits_are_reverted(pair: SyncPair):
     make_tree(pair.src)
     await pair.sync()
-    with open(pair.dst / "big.bin", "r+b") as f:
-        f.seek(3 * MiB)
-        f.write(b"local edit")
+    write_at(pair.dst / "big.bin", 3 * MiB, b"local edit")
     (pair.dst / "a/one.txt").write_text("changed here")
     os.unlink(pair.dst / "a/link")
     os.symlink("/etc/passwd", pair.dst / "a/link")
@@ -328,11 +324,10 @@ async def test_disk_full_while_writing(pair: SyncPair, small_disk: Path):
 
     async def fetch_while_something_else_fills_the_disk(h: bytes, size: int) -> bytes:
         if not (small_disk / "filler").exists():
-            with open(small_disk / "filler", "wb") as f:
-                try:
-                    f.write(bytes(4 * MiB))
-                except OSError:
-                    pass
+            try:
+                (small_disk / "filler").write_bytes(bytes(4 * MiB))
+            except OSError:
+                pass  # full: that was the point
         return await provider(h, size)
 
     pair.provider = fetch_while_something_else_fills_the_disk  # type: ignore[assignment]
@@ -349,19 +344,17 @@ async def test_kill_9_mid_file_resumes_with_the_blocks_already_written(pair: Syn
     await pair.publish()
     config = pair.base / "folder.cbor"
     config.write_bytes(codec.encode(pair.folder.to_dict()))
-    child = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "synckit.py"), str(pair.base), str(config), "100"],
-        stdout=subprocess.PIPE,
-        text=True,
+    child = await trio.lowlevel.open_process(
+        [sys.executable, str(Path(__file__).parent / "synckit.py"), str(pair.base), str(config), "100"], stdout=subprocess.PIPE
     )
     try:
         assert child.stdout is not None
+        out = b""
         with trio.fail_after(60):
-            while True:
-                line = await trio.to_thread.run_sync(child.stdout.readline)
-                assert line, "the child exited before it fetched 100 blocks"
-                if line.strip() == "fetched 100":
-                    break
+            while b"fetched 100\n" not in out:
+                more = await child.stdout.receive_some()
+                assert more, "the child exited before it fetched 100 blocks"
+                out += more
             # the child now waits for blocks that never come; kill it once its resume state has the
             # blocks it wrote (saved every 32 blocks of 128 KiB: 96 of the 100)
             while True:
@@ -371,7 +364,7 @@ async def test_kill_9_mid_file_resumes_with_the_blocks_already_written(pair: Syn
                 await trio.sleep(0.05)
     finally:
         child.send_signal(signal.SIGKILL)
-        child.wait()
+        await child.wait()
     assert temps(pair.dst) == [".p2psync.big.bin.tmp"]
     report = await pair.apply()
     assert report.ok, report.errors

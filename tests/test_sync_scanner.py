@@ -220,8 +220,7 @@ async def test_names_are_nfc_and_collisions_reported(pair: SyncPair):
     (pair.src / unicodedata.normalize("NFD", "dir-é")).mkdir()  # the same name after NFC
     (pair.src / "dir-é/x").write_text("x")
     os.mkfifo(pair.src / "fifo")
-    with open(os.path.join(os.fsencode(pair.src), b"bad-\xff-name"), "w") as f:
-        f.write("not UTF-8")
+    Path(os.fsdecode(os.path.join(os.fsencode(pair.src), b"bad-\xff-name"))).write_text("not UTF-8")
     report = await pair.scan()
     idx = await index(pair)
     assert set(idx) == {"café.txt", "dir-é", "dir-é/x"}
