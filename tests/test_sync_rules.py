@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
+import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pnode.sync.blocks import RACY_NS, Hashed, HashFailure, Hasher, HashJob, HashOutcome, block_size_for, digest, zero_hash
 from p2pnode.sync.ignore import IgnoreRules, NodeFilter, read_ignore_file
@@ -23,7 +25,7 @@ def test_default_rules():
     assert r.ignored("runtime", True) and r.ignored("tmp", True)
     assert not r.ignored("src/runtime", True) and not r.ignored("pkg/tmp", True)
     assert not r.ignored(".gitignore", False) and not r.ignored("runtime", False)  # a *file* named runtime is kept
-    assert r.ignored("a/.p2psync.x.tmp", False)  # our temp files, always
+    assert r.ignored_path("a/.p2psync.x.tmp", False)  # our temp files, always (a listing drops them first)
     assert not IgnoreRules.build(defaults=False).ignored(".git", True)
 
 
@@ -157,9 +159,9 @@ def test_metadata_only_changes():
 
 
 def test_mirror_deletes_overlay_does_not():
-    desired = [fe("keep"), fe("gone", seq=3).__class__("gone", FILE, 3, deleted=True)]
+    desired = [fe("keep"), FileEntry("gone", FILE, 3, deleted=True)]
     local = {"keep": ls(), "gone": ls(), "extra": ls(), "dir": ls(DIR), "dir/inner": ls(), "runtime": ls(DIR), "runtime/x": ls()}
-    rules_default = __import__("p2pnode.sync.ignore", fromlist=["IgnoreRules"]).IgnoreRules.build(defaults=True)
+    rules_default = IgnoreRules.build(defaults=True)
     mirror = plan(desired, local, {}, rules=rules_default)
     assert [d.name for d in mirror.deletes] == ["dir/inner", "dir", "extra", "gone"]
     overlay = plan(desired, local, {}, options=PlanOptions(strategy=OVERLAY), rules=rules_default)
@@ -189,3 +191,25 @@ def test_include_keeps_the_directories_above():
     assert [d.entry.name for d in p.dirs] == ["dist", "dist/js"]
     assert [f.entry.name for f in p.files] == ["dist/js/app.js"]
     assert not p.deletes  # src is not this node's business
+
+
+PATTERN_SETS = [
+    (".git/", "/runtime/", "/tmp/"),
+    ("*.log", "node_modules/", "/build/", "docs/**/*.pdf", "a?c", "[ab]*.tmp", "**/cache", "foo/**/bar"),
+    ("*.log", "!keep.log", "dir/", "!dir/sub/"),  # negations: the pathspec path
+]
+
+
+@pytest.mark.parametrize("patterns", PATTERN_SETS)
+@settings(max_examples=300)
+@given(
+    st.lists(st.sampled_from(["a", "b", "abc", "x.log", "keep.log", "node_modules", "build", "docs", "f.pdf", "cache", "bar", "foo",
+                              ".git", "runtime", "tmp", "dir", "sub", "at.tmp", "z"]), min_size=1, max_size=5),
+    st.booleans(),
+)
+def test_fast_ignore_matches_pathspec(patterns: tuple[str, ...], parts: list[str], is_dir: bool):
+    import pathspec
+
+    name = "/".join(parts)
+    spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
+    assert IgnoreRules(patterns).ignored(name, is_dir) == spec.match_file(name + "/" if is_dir else name)

@@ -23,6 +23,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import attrs
 import trio
@@ -82,10 +83,10 @@ class Torn(Exception):
     """The file changed (or may have changed) while it was hashed: its hashes may describe no real version of it."""
 
 
-@attrs.frozen
-class StatSig:
+class StatSig(NamedTuple):
     """What the scanner compares to decide that a file is unchanged without reading it.
-    `mode` is the permission bits; `size` is 0 for anything but a regular file."""
+    `mode` is the permission bits; `size` is 0 for anything but a regular file. A tuple: a rescan
+    builds and compares one per name in the folder."""
 
     size: int
     mtime_ns: int
@@ -95,8 +96,8 @@ class StatSig:
 
     @classmethod
     def of(cls, st: os.stat_result) -> StatSig:
-        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-        return cls(size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, stat.S_IMODE(st.st_mode))
+        mode = st.st_mode
+        return cls(st.st_size if stat.S_ISREG(mode) else 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode & 0o7777)
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ import hashlib
 import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -94,14 +94,20 @@ def content_id(entry: FileEntry) -> bytes:
     return b"dir"
 
 
-@attrs.frozen(slots=True)
-class SourceRow:
-    """What a rescan compares for one name of the source's index."""
+class SourceRow(NamedTuple):
+    """What a rescan compares for one name of the source's index (a tuple: one per name per rescan)."""
 
     type: str
-    deleted: bool
-    sig: StatSig
+    deleted: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    mode: int
     seq: int
+
+    def unchanged(self, kind: str, sig: StatSig) -> bool:
+        return not self.deleted and self.type == kind and self[2:7] == sig
 
 
 @attrs.frozen(slots=True)
@@ -234,10 +240,7 @@ class IndexRepo:
             "SELECT name, type, deleted, size, mtime_ns, ctime_ns, ino, mode, seq FROM files WHERE folder = ? AND parent = ?",
             (key, parent_dir),
         )
-        return {
-            r[0]: SourceRow(TYPES[r[1]], bool(r[2]), StatSig(r[3], r[4], r[5], r[6], r[7]), r[8])
-            for r in rows
-        }
+        return {r[0]: SourceRow(TYPES[r[1]], *r[2:]) for r in rows}
 
     def source_row(self, conn: sqlite3.Connection, folder: str, name: str) -> SourceRow | None:
         key = self.folder_key(conn, folder)
@@ -245,7 +248,7 @@ class IndexRepo:
             "SELECT name, type, deleted, size, mtime_ns, ctime_ns, ino, mode, seq FROM files WHERE folder = ? AND name = ?",
             (key, name),
         ).fetchone()
-        return SourceRow(TYPES[r[1]], bool(r[2]), StatSig(r[3], r[4], r[5], r[6], r[7]), r[8]) if r else None
+        return SourceRow(TYPES[r[1]], *r[2:]) if r else None
 
     def live_names_under(self, conn: sqlite3.Connection, folder: str, dir_name: str) -> list[str]:
         """Names below `dir_name` that are not tombstones (to delete a vanished directory's content)."""

@@ -20,6 +20,7 @@ MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux filesystems
 MAX_DEPTH = 256
 TEMP_PREFIX = ".p2psync."
 TEMP_SUFFIX = ".tmp"
+_DOTS = ("", ".", "..")
 
 
 class BadName(DecodeError):
@@ -76,9 +77,9 @@ def child(parent_name: str, component: str) -> str:
     """The name of directory entry `component` (as listed on disk) inside directory `parent_name`.
 
     Plain ASCII components (the common case, on the scanner's hot path) skip normalisation."""
-    if component.isascii() and component not in (".", "..") and not is_temp_name(component) and "\x00" not in component:
+    if component.isascii() and component not in _DOTS and "\x00" not in component and not component.startswith(TEMP_PREFIX):
         name = f"{parent_name}/{component}" if parent_name else component
-        if len(component) <= MAX_COMPONENT_BYTES and len(name) <= MAX_NAME_BYTES and name.count("/") < MAX_DEPTH and component:
+        if 0 < len(component) <= MAX_COMPONENT_BYTES and len(name) <= MAX_NAME_BYTES and name.count("/") < MAX_DEPTH:
             return name
     nfc = unicodedata.normalize("NFC", component)
     return validate(f"{parent_name}/{nfc}" if parent_name else nfc)

@@ -219,7 +219,7 @@ class Scanner:
         if kind == DIR:
             pending.append((name, disk))
         sig = StatSig.of(st)
-        if row is not None and not row.deleted and row.type == kind and row.sig == sig:
+        if row is not None and row.unchanged(kind, sig):
             return
         disk_name = disk if disk != name else None
         if kind == FILE:
