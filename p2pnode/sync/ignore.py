@@ -101,9 +101,9 @@ def _combined(spec: pathspec.GitIgnoreSpec | None) -> re.Pattern[str] | None:
     if spec is None:
         return None
     active = [p for p in spec.patterns if getattr(p, "include", None) is not None]
-    if not active or not all(p.include for p in active):
+    if not active or not all(p.include and p.regex is not None for p in active):
         return None
-    parts = [_NAMED_GROUP.sub("(?:", p.regex.pattern) for p in active]
+    parts = [_NAMED_GROUP.sub("(?:", p.regex.pattern) for p in active]  # type: ignore[union-attr]
     return re.compile("|".join(f"(?:{part})" for part in parts))
 
 
