@@ -101,9 +101,10 @@ def _combined(spec: pathspec.GitIgnoreSpec | None) -> re.Pattern[str] | None:
     if spec is None:
         return None
     active = [p for p in spec.patterns if getattr(p, "include", None) is not None]
-    if not active or not all(p.include and p.regex is not None for p in active):
+    regexes = [p.regex for p in active if p.include and p.regex is not None]
+    if not active or len(regexes) != len(active):
         return None
-    parts = [_NAMED_GROUP.sub("(?:", p.regex.pattern) for p in active]  # type: ignore[union-attr]
+    parts = [_NAMED_GROUP.sub("(?:", r.pattern) for r in regexes]
     return re.compile("|".join(f"(?:{part})" for part in parts))
 
 
