@@ -213,11 +213,8 @@ async def test_applier_checks_names_again_and_never_follows_symlinks(pair: SyncP
     async def fetch(h: bytes, size: int) -> bytes:
         return data
 
-    from p2pnode.sync.planner import BlockPlan
-
     def write(name: str) -> FileWrite:
-        e = entry(name)
-        return FileWrite(e, (BlockPlan(0, 0, len(data), e.blocks),), 0o644, None)
+        return FileWrite(entry(name), 0o644, None)
 
     applier = Applier(pair.dst_db, pair.dst_repo, "app", str(pair.dst), fetch)
     report = await applier.apply(Plan(files=(write("../escape"), write("/abs"), write("a/through-link"), write("fine"))))

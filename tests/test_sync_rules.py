@@ -126,7 +126,7 @@ def test_plan_blocks_zero_copy_fetch():
     h0 = e.block_hash(0)
     here = BlockLocation("other-folder", "x", 0, 128 * 1024)
     p = plan([e], {}, {}, locate=lambda h: [here] if h == h0 else [])
-    b0, b1, b2 = p.files[0].blocks
+    b0, b1, b2 = p.files[0].block_plans()
     assert b0.copy_from == (here,) and not b0.fetch
     assert b1.zero and b1.hash == zero_hash(128 * 1024) and not b1.fetch
     assert b2.fetch and b2.size == 1000

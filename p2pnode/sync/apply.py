@@ -156,6 +156,7 @@ class _OpenFile:
     dir_fd: int
     fd: int
     satisfied: set[int]
+    blocks: tuple[BlockPlan, ...]
     unsaved: int = 0
     adopt: bool = False
     error: Exception | None = None  # the first failure among its concurrent block fetches
@@ -228,7 +229,7 @@ class Applier:
         report = ApplyReport()
         self._root = await trio.to_thread.run_sync(SafeRoot, self.target)
         self._budget = _ByteBudget(self.max_inflight_bytes)
-        folders = {loc.folder for f in p.files for b in f.blocks for loc in b.copy_from if loc.folder != self.folder}
+        folders = {loc.folder for f in p.files for _, locs in f.copies for loc in locs if loc.folder != self.folder}
         if folders:
             self._other_roots = await self.db.read(lambda c: {f: self.repo.root(c, f) for f in folders})
         for s in p.skipped:
@@ -485,14 +486,15 @@ class Applier:
     def _open_temp(self, fw: FileWrite, partial: Partial | None, report: ApplyReport) -> _OpenFile:
         """Open the directory, clear what is in the way, and open (resume) or create the temp file."""
         e = fw.entry
+        blocks = fw.block_plans()
         dir_name, leaf = _split(e.name)
         dir_fd = self.root.open_dir(dir_name)
         try:
             if fw.replace is not None:
                 remove_at(dir_fd, leaf)
-            if fw.existing and fw.replace is None and self._identical(dir_fd, leaf, fw):
+            if fw.existing and fw.replace is None and self._identical(dir_fd, leaf, e.size, blocks):
                 pfd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                return _OpenFile(dir_name, leaf, "", dir_fd, pfd, set(range(e.block_total)), adopt=True)
+                return _OpenFile(dir_name, leaf, "", dir_fd, pfd, set(range(e.block_total)), blocks, adopt=True)
             tmp = temp_name(leaf)
             satisfied: set[int] = set()
             fd = -1
@@ -509,7 +511,7 @@ class Applier:
                         for i in sorted(partial.done):
                             if i >= e.block_total:
                                 continue
-                            b = fw.blocks[i]
+                            b = blocks[i]
                             if hashlib.sha256(_read_exact(fd, b.size, b.offset)).digest() == b.hash:
                                 satisfied.add(i)
                                 if not b.zero:
@@ -518,14 +520,14 @@ class Applier:
             if fd < 0:
                 remove_at(dir_fd, tmp)
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-            op = _OpenFile(dir_name, leaf, tmp, dir_fd, fd, satisfied)
+            op = _OpenFile(dir_name, leaf, tmp, dir_fd, fd, satisfied, blocks)
             try:
                 os.ftruncate(fd, e.size)  # the rest reads as zeros: blocks of zeros are done already
-                for b in fw.blocks:
+                for b in blocks:
                     if b.zero and b.index not in satisfied:
                         satisfied.add(b.index)
                         report.blocks_zero += 1
-                need = sum(b.size for b in fw.blocks if b.index not in satisfied)
+                need = sum(b.size for b in blocks if b.index not in satisfied)
                 vfs = os.fstatvfs(fd)
                 free = vfs.f_bavail * vfs.f_frsize
                 if need + FREE_SPACE_MARGIN > free:
@@ -546,22 +548,22 @@ class Applier:
             os.close(dir_fd)
             raise
 
-    def _identical(self, dir_fd: int, leaf: str, fw: FileWrite) -> bool:
+    def _identical(self, dir_fd: int, leaf: str, size: int, blocks: tuple[BlockPlan, ...]) -> bool:
         """Whether the file already at `leaf` has exactly the desired content (then only metadata is set)."""
         try:
             fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError:
             return False
         try:
-            if os.fstat(fd).st_size != fw.entry.size:
+            if os.fstat(fd).st_size != size:
                 return False
-            return all(hashlib.sha256(_read_exact(fd, b.size, b.offset)).digest() == b.hash for b in fw.blocks)
+            return all(hashlib.sha256(_read_exact(fd, b.size, b.offset)).digest() == b.hash for b in blocks)
         finally:
             os.close(fd)
 
     def _copy_local(self, fw: FileWrite, op: _OpenFile, report: ApplyReport) -> None:
         """Fill blocks from this node's own files: the old file at the same name, then any holder of the hash."""
-        todo = [b for b in fw.blocks if b.index not in op.satisfied]
+        todo = [b for b in op.blocks if b.index not in op.satisfied]
         if not todo:
             return
         opened: dict[tuple[str, str], int] = {}
@@ -629,7 +631,7 @@ class Applier:
         op.unsaved += b.size
 
     async def _fetch_rest(self, fw: FileWrite, op: _OpenFile, report: ApplyReport) -> None:
-        todo = [b for b in fw.blocks if b.index not in op.satisfied]
+        todo = [b for b in op.blocks if b.index not in op.satisfied]
         if not todo:
             return
         async with trio.open_nursery() as nursery:

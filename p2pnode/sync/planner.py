@@ -75,17 +75,34 @@ class BlockPlan:
 
 @attrs.frozen
 class FileWrite:
+    """Write a file. Only the blocks with local copies are listed (`copies`: block index -> where
+    this node holds that block); zero blocks and the rest follow from the entry (`block_plans`), so
+    a plan for a large folder stays small."""
+
     entry: FileEntry
-    blocks: tuple[BlockPlan, ...]
     mode: int
     owner: tuple[int, int] | None
     replace: str | None = None  # the type of what is in the way and removed first
     existing: bool = False  # an unknown file is at the name: try its blocks at the same offsets first
     local_edit: bool = False
+    copies: tuple[tuple[int, tuple[BlockLocation, ...]], ...] = ()
+
+    def block_plans(self) -> tuple[BlockPlan, ...]:
+        e = self.entry
+        copies = dict(self.copies)
+        out = []
+        for i in range(e.block_total):
+            offset, size = block_span(i, e.size, e.block_size)
+            h = e.block_hash(i)
+            if h == zero_hash(size):
+                out.append(BlockPlan(i, offset, size, h, zero=True))
+            else:
+                out.append(BlockPlan(i, offset, size, h, copies.get(i, ())))
+        return tuple(out)
 
     @property
     def fetch_bytes(self) -> int:
-        return sum(b.size for b in self.blocks if b.fetch)
+        return sum(b.size for b in self.block_plans() if b.fetch)
 
 
 @attrs.frozen
@@ -254,7 +271,7 @@ def plan(
         if mode is None:  # ignore_permissions: the rewritten file keeps the mode the local one had
             assert have is not None
             mode = have.mode
-        files.append(FileWrite(e, _block_plans(e, locate), mode, want_owner(e), replace, existing, local_edit))
+        files.append(FileWrite(e, mode, want_owner(e), replace, existing, local_edit, _copies(e, locate)))
         touched.add(names.parent(name))
 
     deletes: list[Delete] = []
@@ -280,13 +297,14 @@ def plan(
     return Plan(tuple(dirs), tuple(files), tuple(symlinks), tuple(meta), tuple(deletes), tuple(dir_meta), tuple(skipped))
 
 
-def _block_plans(e: FileEntry, locate: Locate) -> tuple[BlockPlan, ...]:
+def _copies(e: FileEntry, locate: Locate) -> tuple[tuple[int, tuple[BlockLocation, ...]], ...]:
     out = []
     for i in range(e.block_total):
         offset, size = block_span(i, e.size, e.block_size)
         h = e.block_hash(i)
         if h == zero_hash(size):
-            out.append(BlockPlan(i, offset, size, h, zero=True))
-        else:
-            out.append(BlockPlan(i, offset, size, h, tuple(loc for loc in locate(h) if loc.size == size)))
+            continue
+        here = tuple(loc for loc in locate(h) if loc.size == size)
+        if here:
+            out.append((i, here))
     return tuple(out)
