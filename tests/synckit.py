@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -13,7 +15,7 @@ from p2pnode.identity import KeyPair
 from p2pnode.sync.apply import ApplyReport, sync_folder
 from p2pnode.sync.database import Database
 from p2pnode.sync.index_db import MIGRATIONS, IndexRepo
-from p2pnode.sync.model import FolderConfig, IndexChunk, NodeTarget
+from p2pnode.sync.model import FileEntry, FolderConfig, IndexChunk, NodeTarget
 from p2pnode.sync.scanner import Scanner, ScanReport
 
 MiB = 1024 * 1024
@@ -150,6 +152,11 @@ class SyncPair:
         await self.src_db.close()
         await self.dst_db.close()
 
+    async def index(self) -> dict[str, FileEntry]:
+        """The source's index, name -> entry (tombstones included)."""
+        entries = await self.src_db.read(lambda c: self.src_repo.entries_since(c, "app", 0, 1_000_000))
+        return {e.name: e for e in entries}
+
     async def scan(self) -> ScanReport:
         return await self.scanner.full_scan()
 
@@ -180,6 +187,15 @@ class SyncPair:
             allowed_roots=[str(self.base)],
             **options,  # type: ignore[arg-type]
         )
+
+
+@asynccontextmanager
+async def open_pair(base: Path) -> AsyncIterator[SyncPair]:
+    pair = await SyncPair(base).open()
+    try:
+        yield pair
+    finally:
+        await pair.close()
 
 
 def folder_from_file(path: str) -> FolderConfig:

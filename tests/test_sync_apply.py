@@ -21,7 +21,7 @@ from p2pnode.sync.blocks import block_size_for
 from p2pnode.sync.index_db import content_id
 from p2pnode.sync.model import FILE, FileEntry, IndexChunk
 from p2pnode.sync.planner import FileWrite, Plan
-from synckit import MiB, SyncPair, make_tree, stamp, write_at
+from synckit import MiB, SyncPair, make_tree, open_pair, stamp, write_at
 from treecmp import assert_same_tree, differences, snapshot
 
 ROOT = os.geteuid() == 0
@@ -29,11 +29,8 @@ ROOT = os.geteuid() == 0
 
 @pytest.fixture
 async def pair(tmp_path: Path):
-    p = await SyncPair(tmp_path).open()
-    try:
+    async with open_pair(tmp_path) as p:
         yield p
-    finally:
-        await p.close()
 
 
 def temps(root: Path) -> list[str]:

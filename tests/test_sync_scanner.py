@@ -15,30 +15,22 @@ import trio
 
 from p2pnode.sync.blocks import Hasher, HashJob, HashOutcome, digest, split_hashes
 from p2pnode.sync.model import DIR, FILE, SYMLINK, FileEntry
-from synckit import MiB, SyncPair, make_tree
+from synckit import MiB, SyncPair, make_tree, open_pair
 
 ROOT = os.geteuid() == 0
 
 
 @pytest.fixture
 async def pair(tmp_path: Path):
-    p = await SyncPair(tmp_path).open()
-    try:
+    async with open_pair(tmp_path) as p:
         yield p
-    finally:
-        await p.close()
-
-
-async def index(pair: SyncPair) -> dict[str, FileEntry]:
-    entries = await pair.src_db.read(lambda c: pair.src_repo.entries_since(c, "app", 0, 1_000_000))
-    return {e.name: e for e in entries}
 
 
 async def test_initial_scan_indexes_every_kind_of_entry(pair: SyncPair):
     make_tree(pair.src, large=2 * MiB)
     report = await pair.scan()
     assert report.problem_count == 0
-    idx = await index(pair)
+    idx = await pair.index()
     on_disk = {str(p.relative_to(pair.src)) for p in pair.src.rglob("*")}
     assert set(idx) == on_disk
     assert idx["empty"].type == DIR and idx["a/b/empty2"].type == DIR
@@ -60,13 +52,13 @@ async def test_rescan_rehashes_only_what_changed(pair: SyncPair):
     unchanged = await pair.scan()
     assert (unchanged.changed, unchanged.files_hashed) == (0, 0)
 
-    before = await index(pair)
+    before = await pair.index()
     (pair.src / "a/one.txt").write_text("new content")
     os.chmod(pair.src / "secret.key", 0o640)
     report = await pair.scan()
     assert report.files_hashed == 2
     assert report.changed == 2  # rewriting a file in place does not touch its directory
-    after = await index(pair)
+    after = await pair.index()
     changed = {n for n in after if after[n] != before[n]}
     assert {"a/one.txt", "secret.key"} <= changed
     assert all(after[n].seq > first.last_seq for n in changed)
@@ -78,7 +70,7 @@ async def test_deletions_become_tombstones_with_new_seqs(pair: SyncPair):
     (pair.src / "zero").unlink()
     shutil.rmtree(pair.src / "a")
     report = await pair.scan()
-    idx = await index(pair)
+    idx = await pair.index()
     gone = {n for n, e in idx.items() if e.deleted}
     assert gone == {"zero", "a", "a/one.txt", "a/link", "a/b", "a/b/c", "a/b/c/deep.txt", "a/b/empty2"}
     assert all(idx[n].seq > first.last_seq for n in gone)
@@ -88,7 +80,7 @@ async def test_deletions_become_tombstones_with_new_seqs(pair: SyncPair):
     # a name that comes back gets a newer seq again
     (pair.src / "zero").write_bytes(b"")
     await pair.scan()
-    assert not (await index(pair))["zero"].deleted
+    assert not (await pair.index())["zero"].deleted
 
 
 async def test_incremental_rescan_looks_only_at_the_named_paths(pair: SyncPair):
@@ -99,7 +91,7 @@ async def test_incremental_rescan_looks_only_at_the_named_paths(pair: SyncPair):
     (pair.src / "new/inner/f").write_text("f")
     (pair.src / "medium.bin").write_text("not rescanned: not named")
     report = await pair.scanner.rescan(["a/b/c/deep.txt", "new/inner/f"])
-    idx = await index(pair)
+    idx = await pair.index()
     assert idx["a/b/c/deep.txt"].size == len("changed")
     assert {"new", "new/inner", "new/inner/f"} <= set(idx)  # the new parents, whose own events were missed
     assert idx["medium.bin"].size == 700_000
@@ -107,7 +99,7 @@ async def test_incremental_rescan_looks_only_at_the_named_paths(pair: SyncPair):
     shutil.rmtree(pair.src / "new")
     gone = await pair.scanner.rescan(["new/inner/f"])
     assert gone.changed == 3
-    idx = await index(pair)
+    idx = await pair.index()
     assert all(idx[n].deleted for n in ("new", "new/inner", "new/inner/f"))
 
 
@@ -133,13 +125,13 @@ async def test_file_vanishing_mid_scan_is_reported_and_the_rest_indexed(pair: Sy
     report = await pair.scan()
     assert [p.name for p in report.problems] == ["a/one.txt"]
     assert "vanished" in report.problems[0].reason
-    idx = await index(pair)
+    idx = await pair.index()
     assert "a/one.txt" not in idx and "a/b/c/deep.txt" in idx and "big.bin" in idx
     # an indexed file that vanishes while re-hashed becomes a tombstone
     (pair.src / "zero").write_text("now non-empty")
     pair.scanner.hasher = _Interfering("zero", os.unlink)
     await pair.scan()
-    assert (await index(pair))["zero"].deleted
+    assert (await pair.index())["zero"].deleted
 
 
 @pytest.mark.skipif(not ROOT, reason="drops to another user to make a file unreadable")
@@ -164,7 +156,7 @@ async def test_unreadable_file_mid_scan_is_reported_and_keeps_its_entry(pair: Sy
         finally:
             os.seteuid(0)
         assert [(p.name, p.reason) for p in report.problems] == [("a/one.txt", "cannot open: Permission denied")]
-        idx = await index(pair)
+        idx = await pair.index()
         assert idx["a/one.txt"].size == 400 and not idx["a/one.txt"].deleted  # the last good version stays
         assert idx["medium.bin"].size == len("changed too")
     finally:
@@ -202,13 +194,13 @@ async def test_file_changing_while_hashed_is_never_indexed_torn(pair: SyncPair):
     try:
         for _ in range(3):
             report = await pair.scan()
-            check((await index(pair)).get("hot.bin"))
+            check((await pair.index()).get("hot.bin"))
             assert all("changing" in p.reason for p in report.problems), report.problems
     finally:
         stop.set()
         t.join()
     await pair.scan()
-    entry = (await index(pair))["hot.bin"]
+    entry = (await pair.index())["hot.bin"]
     check(entry)
     assert entry.blocks[:32] == digest(bytes([last % 256]) * (128 * 1024))
 
@@ -222,7 +214,7 @@ async def test_names_are_nfc_and_collisions_reported(pair: SyncPair):
     os.mkfifo(pair.src / "fifo")
     Path(os.fsdecode(os.path.join(os.fsencode(pair.src), b"bad-\xff-name"))).write_text("not UTF-8")
     report = await pair.scan()
-    idx = await index(pair)
+    idx = await pair.index()
     assert set(idx) == {"café.txt", "dir-é", "dir-é/x"}
     reasons = {p.name: p.reason for p in report.problems}
     assert "NFC" in reasons[unicodedata.normalize("NFD", "dir-é")]
@@ -238,10 +230,10 @@ async def test_periodic_full_rescan(pair: SyncPair):
     (pair.src / "f").write_text("1")
     async with trio.open_nursery() as nursery:
         await nursery.start(pair.scanner.run)
-        assert "f" in await index(pair)
+        assert "f" in await pair.index()
         (pair.src / "g").write_text("2")
         with trio.fail_after(10):
-            while "g" not in await index(pair):
+            while "g" not in await pair.index():
                 await trio.sleep(0.1)
         assert pair.scanner.scans >= 2
         nursery.cancel_scope.cancel()

@@ -12,27 +12,19 @@ import trio
 
 from p2pnode.sync.model import FileEntry
 from p2pnode.sync.watcher import Watcher
-from synckit import SyncPair
+from synckit import SyncPair, open_pair
 
 
 @pytest.fixture
 async def pair(tmp_path: Path):
-    p = await SyncPair(tmp_path).open()
-    try:
+    async with open_pair(tmp_path) as p:
         yield p
-    finally:
-        await p.close()
-
-
-async def index(pair: SyncPair) -> dict[str, FileEntry]:
-    entries = await pair.src_db.read(lambda c: pair.src_repo.entries_since(c, "app", 0, 1_000_000))
-    return {e.name: e for e in entries}
 
 
 async def wait_for(pair: SyncPair, check, timeout: float = 20.0) -> dict[str, FileEntry]:  # type: ignore[no-untyped-def]
     with trio.fail_after(timeout):
         while True:
-            idx = await index(pair)
+            idx = await pair.index()
             if check(idx):
                 return idx
             await trio.sleep(0.05)

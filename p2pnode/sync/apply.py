@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -45,6 +46,7 @@ from .planner import BlockPlan, Delete, FileWrite, MakeDir, MakeSymlink, Plan, P
 log = logging.getLogger("p2pnode.sync.apply")
 
 Fetch = Callable[[bytes, int], Awaitable[bytes]]
+T = TypeVar("T")
 
 MAX_ERRORS = 100
 MAX_LOGGED = 50
@@ -290,123 +292,95 @@ class Applier:
         await self.db.write(write)
 
     # -- directories, symlinks, metadata, deletes (worker thread) ------------------------------------
-    def _make_dirs(self, dirs: Sequence[MakeDir], report: ApplyReport) -> None:
-        for d in dirs:
+    def _each(self, items: Sequence[T], name_of: Callable[[T], str], act: Callable[[T, str, int, str], None], report: ApplyReport) -> None:
+        """act(item, dir_name, dir_fd, leaf) in each item's directory, reached safely; a failure is that item's error."""
+        for item in items:
+            name = name_of(item)
             try:
-                dir_name, leaf = _split(d.entry.name)
+                dir_name, leaf = _split(name)
                 fd = self.root.open_dir(dir_name)
                 try:
-                    if d.replace is not None:
-                        remove_at(fd, leaf)
-                    try:
-                        os.mkdir(leaf, 0o700, dir_fd=fd)
-                    except FileExistsError:
-                        st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-                        if not stat.S_ISDIR(st.st_mode):
-                            raise UnsafePath(f"{d.entry.name}: something that is not a directory appeared here") from None
-                    self._synced_dirs.add(dir_name)
-                    report.dirs += 1
+                    act(item, dir_name, fd, leaf)
                 finally:
                     os.close(fd)
             except (UnsafePath, DecodeError, OSError) as exc:
-                report.error(d.entry.name, _reason(exc))
+                report.error(name, _reason(exc))
+
+    def _make_dirs(self, dirs: Sequence[MakeDir], report: ApplyReport) -> None:
+        def make(d: MakeDir, dir_name: str, fd: int, leaf: str) -> None:
+            if d.replace is not None:
+                remove_at(fd, leaf)
+            try:
+                os.mkdir(leaf, 0o700, dir_fd=fd)  # its mode is set after its content (dir_meta)
+            except FileExistsError:
+                st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise UnsafePath(f"{d.entry.name}: something that is not a directory appeared here") from None
+            self._synced_dirs.add(dir_name)
+            report.dirs += 1
+
+        self._each(dirs, lambda d: d.entry.name, make, report)
 
     def _make_symlinks(self, links: Sequence[MakeSymlink], report: ApplyReport) -> None:
-        for s in links:
+        def make(s: MakeSymlink, dir_name: str, fd: int, leaf: str) -> None:
             e = s.entry
-            try:
-                dir_name, leaf = _split(e.name)
-                fd = self.root.open_dir(dir_name)
-                try:
-                    tmp = temp_name(leaf)
-                    remove_at(fd, tmp)
-                    if s.replace == DIR:
-                        remove_at(fd, leaf)
-                    os.symlink(e.target, tmp, dir_fd=fd)
-                    if s.owner is not None:
-                        os.chown(tmp, *s.owner, dir_fd=fd, follow_symlinks=False)
-                    os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=fd, follow_symlinks=False)
-                    os.rename(tmp, leaf, src_dir_fd=fd, dst_dir_fd=fd)
-                    st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-                    self._check_still_there(dir_name, fd, leaf, e.name)
-                    self._records.append(Applied(e.name, e, 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-                    self._synced_dirs.add(dir_name)
-                    report.symlinks += 1
-                    if s.local_edit:
-                        report.local_edits_reverted += 1
-                        log.info(fmt("sync_local_edit_reverted", folder=self.folder, name=e.name))
-                finally:
-                    os.close(fd)
-            except (UnsafePath, DecodeError, OSError) as exc:
-                report.error(e.name, _reason(exc))
+            tmp = temp_name(leaf)
+            remove_at(fd, tmp)
+            if s.replace == DIR:
+                remove_at(fd, leaf)
+            os.symlink(e.target, tmp, dir_fd=fd)
+            if s.owner is not None:
+                os.chown(tmp, *s.owner, dir_fd=fd, follow_symlinks=False)
+            os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=fd, follow_symlinks=False)
+            os.rename(tmp, leaf, src_dir_fd=fd, dst_dir_fd=fd)
+            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+            self._check_still_there(dir_name, fd, leaf, e.name)
+            self._records.append(Applied(e.name, e, 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+            self._synced_dirs.add(dir_name)
+            report.symlinks += 1
+            if s.local_edit:
+                report.local_edits_reverted += 1
+                log.info(fmt("sync_local_edit_reverted", folder=self.folder, name=e.name))
+
+        self._each(links, lambda s: s.entry.name, make, report)
 
     def _set_metas(self, metas: Sequence[SetMeta], report: ApplyReport) -> None:
-        for m in metas:
+        def set_meta(m: SetMeta, dir_name: str, fd: int, leaf: str) -> None:
             e = m.entry
-            try:
-                dir_name, leaf = _split(e.name)
-                fd = self.root.open_dir(dir_name)
-                try:
-                    if e.type == SYMLINK:
-                        if m.owner is not None:
-                            os.chown(leaf, *m.owner, dir_fd=fd, follow_symlinks=False)
-                        os.utime(leaf, ns=(e.mtime_ns, e.mtime_ns), dir_fd=fd, follow_symlinks=False)
-                        st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-                    else:
-                        st = self._meta_nofollow(fd, leaf, e.type, m.mode, m.owner, e.mtime_ns)
-                    self._records.append(Applied(e.name, e, st.st_size if e.type == FILE else 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-                    report.meta += 1
-                finally:
-                    os.close(fd)
-            except (UnsafePath, DecodeError, OSError) as exc:
-                report.error(e.name, _reason(exc))
+            if e.type == SYMLINK:
+                if m.owner is not None:
+                    os.chown(leaf, *m.owner, dir_fd=fd, follow_symlinks=False)
+                os.utime(leaf, ns=(e.mtime_ns, e.mtime_ns), dir_fd=fd, follow_symlinks=False)
+                st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+            else:
+                st = self._meta_nofollow(fd, leaf, e.type, m.mode, m.owner, e.mtime_ns)
+            self._records.append(Applied(e.name, e, st.st_size if e.type == FILE else 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+            report.meta += 1
 
-    @staticmethod
-    def _meta_nofollow(dir_fd: int, leaf: str, kind: str, mode: int | None, owner: tuple[int, int] | None, mtime_ns: int) -> os.stat_result:
-        """chown/chmod/utime the inode at `leaf` without following a symlink there (via an O_PATH fd)."""
-        pfd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            st = os.fstat(pfd)
-            have = DIR if stat.S_ISDIR(st.st_mode) else FILE if stat.S_ISREG(st.st_mode) else None
-            if have != kind:
-                raise UnsafePath(f"{leaf}: expected a {kind}, found something else; not touched")
-            proc = f"/proc/self/fd/{pfd}"  # the inode we opened, whatever the name points at now
-            if owner is not None:
-                os.chown(proc, *owner)
-            if mode is not None:
-                os.chmod(proc, mode)
-            os.utime(proc, ns=(mtime_ns, mtime_ns))
-            return os.fstat(pfd)
-        finally:
-            os.close(pfd)
+        self._each(metas, lambda m: m.entry.name, set_meta, report)
 
     def _deletes(self, deletes: Sequence[Delete], report: ApplyReport) -> None:
-        for d in deletes:
+        def delete(d: Delete, dir_name: str, fd: int, leaf: str) -> None:
             try:
-                dir_name, leaf = _split(d.name)
-                fd = self.root.open_dir(dir_name)
-                try:
-                    if d.type == DIR:
-                        try:
-                            os.rmdir(leaf, dir_fd=fd)
-                        except OSError as exc:
-                            if exc.errno != errno.ENOTEMPTY:
-                                raise
-                            continue  # it still holds ignored or excluded names, which mirror keeps
-                    else:
-                        st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode):
-                            continue  # became a directory since the plan; the next pass decides
-                        os.unlink(leaf, dir_fd=fd)
-                    self._gone.append(d.name)
-                    self._synced_dirs.add(dir_name)
-                    report.deleted += 1
-                finally:
-                    os.close(fd)
+                if d.type == DIR:
+                    try:
+                        os.rmdir(leaf, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOTEMPTY:
+                            return  # it still holds ignored or excluded names, which mirror keeps
+                        raise
+                else:
+                    if stat.S_ISDIR(os.stat(leaf, dir_fd=fd, follow_symlinks=False).st_mode):
+                        return  # became a directory since the plan; the next pass decides
+                    os.unlink(leaf, dir_fd=fd)
             except FileNotFoundError:
                 self._gone.append(d.name)
-            except (UnsafePath, DecodeError, OSError) as exc:
-                report.error(d.name, _reason(exc))
+                return
+            self._gone.append(d.name)
+            self._synced_dirs.add(dir_name)
+            report.deleted += 1
+
+        self._each(deletes, lambda d: d.name, delete, report)
 
     def _fsync_dirs(self) -> None:
         for d in sorted(self._synced_dirs):
@@ -426,6 +400,25 @@ class Applier:
             except OSError:
                 pass
             raise UnsafePath(f"{name}: directory {dir_name or '/'} was replaced while it was written; what was written there is removed")
+
+    @staticmethod
+    def _meta_nofollow(dir_fd: int, leaf: str, kind: str, mode: int | None, owner: tuple[int, int] | None, mtime_ns: int) -> os.stat_result:
+        """chown/chmod/utime the inode at `leaf` without following a symlink there (via an O_PATH fd)."""
+        pfd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(pfd)
+            have = DIR if stat.S_ISDIR(st.st_mode) else FILE if stat.S_ISREG(st.st_mode) else None
+            if have != kind:
+                raise UnsafePath(f"{leaf}: expected a {kind}, found something else; not touched")
+            proc = f"/proc/self/fd/{pfd}"  # the inode we opened, whatever the name points at now
+            if owner is not None:
+                os.chown(proc, *owner)
+            if mode is not None:
+                os.chmod(proc, mode)
+            os.utime(proc, ns=(mtime_ns, mtime_ns))
+            return os.fstat(pfd)
+        finally:
+            os.close(pfd)
 
     # -- files ----------------------------------------------------------------------------------------
     async def _file_worker(self, pending: Iterable[FileWrite], report: ApplyReport) -> None:

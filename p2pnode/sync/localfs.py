@@ -21,7 +21,7 @@ import stat
 from ..errors import P2PNodeError
 from . import names
 from .ignore import IgnoreRules
-from .model import DIR, FILE, SYMLINK
+from .model import DIR, FILE, SYMLINK, file_type
 from .planner import LocalState
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -37,16 +37,6 @@ def temp_name(leaf: str) -> str:
     if len(name.encode("utf-8")) > names.MAX_COMPONENT_BYTES:
         name = f"{names.TEMP_PREFIX}{hashlib.sha256(leaf.encode('utf-8')).hexdigest()[:32]}{names.TEMP_SUFFIX}"
     return name
-
-
-def kind_of(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return FILE
-    if stat.S_ISDIR(mode):
-        return DIR
-    if stat.S_ISLNK(mode):
-        return SYMLINK
-    return None
 
 
 def local_state(st: os.stat_result, kind: str, target: str = "") -> LocalState:
@@ -138,7 +128,7 @@ class SafeRoot:
                         st = de.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    kind = kind_of(st.st_mode)
+                    kind = file_type(st.st_mode)
                     if kind is None or rules.ignored(name, kind == DIR):
                         continue
                     target = ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,6 +31,19 @@ FILE = "file"
 DIR = "dir"
 SYMLINK = "symlink"
 TYPES = (FILE, DIR, SYMLINK)
+
+
+def file_type(st_mode: int) -> str | None:
+    """FILE, DIR or SYMLINK for an lstat mode; None for what sync leaves alone (fifos, sockets, devices)."""
+    if stat.S_ISREG(st_mode):
+        return FILE
+    if stat.S_ISDIR(st_mode):
+        return DIR
+    if stat.S_ISLNK(st_mode):
+        return SYMLINK
+    return None
+
+
 MIRROR = "mirror"
 OVERLAY = "overlay"
 STRATEGIES = (MIRROR, OVERLAY)

@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import sqlite3
-import stat
 import unicodedata
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -37,7 +36,7 @@ from .blocks import RACY_NS, Hashed, HashFailure, Hasher, HashJob, HashOutcome, 
 from .database import Database
 from .ignore import IgnoreRules, read_ignore_file
 from .index_db import IndexRepo, SourceChange, SourceRow
-from .model import DIR, FILE, SYMLINK, FileEntry, FolderConfig
+from .model import DIR, FILE, SYMLINK, FileEntry, FolderConfig, file_type
 
 log = logging.getLogger("p2pnode.sync.scanner")
 
@@ -73,16 +72,6 @@ class ScanReport:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(ScanProblem(name, reason))
-
-
-def _kind(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return FILE
-    if stat.S_ISDIR(mode):
-        return DIR
-    if stat.S_ISLNK(mode):
-        return SYMLINK
-    return None
 
 
 @attrs.define
@@ -291,7 +280,7 @@ class Scanner:
                 report.problem(child, f"cannot stat: {exc.strerror}")
                 seen.add(child)  # it exists: keep what the index says
                 continue
-            kind = _kind(st.st_mode)
+            kind = file_type(st.st_mode)
             if kind is None:
                 continue  # fifos, sockets, devices: not synced
             if child in seen:
@@ -320,7 +309,7 @@ class Scanner:
                 par_st: os.stat_result | None = os.lstat(self._abs(names.parent(disk)))
             except OSError:
                 par_st = None
-            if par_row is None or par_row.deleted or par_st is None or _kind(par_st.st_mode) != DIR:
+            if par_row is None or par_row.deleted or par_st is None or file_type(par_st.st_mode) != DIR:
                 # the parent is new (its own event was missed) or gone: look at it instead, with its subtree
                 self._examine_start(conn, par, names.parent(disk), batch, pending, report)
                 return
@@ -334,7 +323,7 @@ class Scanner:
         except OSError as exc:
             report.problem(name, f"cannot stat: {exc.strerror}")
             return
-        kind = _kind(st.st_mode) if st is not None else None
+        kind = file_type(st.st_mode) if st is not None else None
         if st is None or kind is None or self._rules.ignored(name, kind == DIR):
             if row is not None and not row.deleted:
                 self._tombstone(conn, name, row, batch)
