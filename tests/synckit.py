@@ -13,6 +13,7 @@ import trio
 
 from p2pnode.identity import KeyPair
 from p2pnode.sync.apply import ApplyReport, sync_folder
+from p2pnode.sync.blockstore import read_block
 from p2pnode.sync.database import Database
 from p2pnode.sync.index_db import MIGRATIONS, IndexRepo
 from p2pnode.sync.model import FileEntry, FolderConfig, IndexChunk, NodeTarget
@@ -61,12 +62,6 @@ def make_tree(root: Path, *, large: int = 32 * MiB) -> None:
     stamp(root)
 
 
-def read_at(path: str | Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
 def write_at(path: str | Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -93,12 +88,10 @@ class CountingProvider:
 
     async def __call__(self, block_hash: bytes, size: int) -> bytes:
         self.calls.append((block_hash, size))
-        p = self.pair
-        locs = await p.src_db.read(lambda c: p.src_repo.locate(c, block_hash))
-        if not locs:
-            raise LookupError(f"no block {block_hash.hex()[:16]}")
-        loc = locs[0]
-        return await trio.to_thread.run_sync(read_at, os.path.join(p.src, loc.name), loc.offset, loc.size)
+        data = await read_block(self.pair.src_db, self.pair.src_repo, block_hash)
+        if data is None:
+            raise LookupError(f"the source has no block {block_hash.hex()[:16]}")
+        return data
 
 
 @attrs.define
@@ -220,8 +213,8 @@ async def _child(base: str, config_file: str, stop_after: int) -> None:
         if served >= stop_after:
             await trio.sleep_forever()
         served += 1
-        loc = (await src_db.read(lambda c: src_repo.locate(c, block_hash)))[0]
-        data = await trio.to_thread.run_sync(read_at, os.path.join(folder.source_path, loc.name), loc.offset, loc.size)
+        data = await read_block(src_db, src_repo, block_hash)
+        assert data is not None
         done += 1
         sys.stdout.write(f"fetched {done}\n")
         sys.stdout.flush()

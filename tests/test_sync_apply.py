@@ -222,6 +222,36 @@ async def test_applier_checks_names_again_and_never_follows_symlinks(pair: SyncP
     assert (pair.dst / "fine").read_bytes() == data
 
 
+async def test_an_index_with_a_symlink_and_a_file_below_it_writes_nothing_outside(pair: SyncPair, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data = b"through the link?"
+    from p2pnode.sync.blocks import digest
+
+    hostile = IndexChunk(
+        "app",
+        5,
+        0,
+        3,
+        (
+            FileEntry("a", "symlink", 1, mode=0o777, mtime_ns=1, target=str(outside)),
+            FileEntry("a/x", FILE, 2, len(data), 0o644, 1, 0, 0, False, block_size_for(len(data)), digest(data)),
+            FileEntry("f", FILE, 3, len(data), 0o644, 1, 0, 0, False, block_size_for(len(data)), digest(data)),
+        ),
+    )
+    await pair.dst_db.write(lambda c: pair.dst_repo.accept_chunk(c, IndexChunk.from_bytes(hostile.to_bytes())))
+
+    async def fetch(h: bytes, size: int) -> bytes:
+        return data
+
+    pair.provider = fetch  # type: ignore[assignment]
+    for _ in range(2):  # the second pass starts with the symlink already in place
+        report = await pair.apply()
+        assert [n for n, _ in report.errors] == ["a/x"]
+    assert list(outside.iterdir()) == []
+    assert os.readlink(pair.dst / "a") == str(outside) and (pair.dst / "f").read_bytes() == data
+
+
 async def test_a_symlink_in_the_way_is_replaced_not_followed(pair: SyncPair, tmp_path: Path):
     make_tree(pair.src, large=MiB)
     outside = tmp_path / "outside"

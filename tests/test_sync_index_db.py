@@ -102,10 +102,13 @@ async def test_block_lookup_over_folders_and_artifacts(db: Database):
 
 async def test_partials_roundtrip(db: Database):
     repo = IndexRepo()
+    await db.write(lambda c: repo.accept_chunk(c, IndexChunk("app", 1, 0, 1, (entry("dir/big", 1),))))
     p = Partial("dir/.p2psync.big.tmp", 10 << 20, 131072, frozenset({0, 1, 7, 79}))
     await db.write(lambda c: repo.put_partial(c, "app", "dir/big", p))
+    await db.write(lambda c: repo.put_partial(c, "app", "no/longer/wanted", p))
     assert await db.read(lambda c: repo.partial(c, "app", "dir/big")) == p
-    assert await db.read(lambda c: repo.partial_temps(c, "app")) == {"dir/.p2psync.big.tmp"}
+    assert await db.write(lambda c: repo.partial_temps(c, "app")) == {"dir/.p2psync.big.tmp"}
+    assert await db.read(lambda c: repo.partial(c, "app", "no/longer/wanted")) is None
     await db.write(lambda c: repo.drop_partial(c, "app", "dir/big"))
     assert await db.read(lambda c: repo.partial(c, "app", "dir/big")) is None
 

@@ -14,7 +14,9 @@ import pytest
 import trio
 
 from p2pnode.sync.blocks import Hasher, HashJob, HashOutcome, digest, split_hashes
+from p2pnode.sync.blockstore import read_block
 from p2pnode.sync.model import DIR, FILE, SYMLINK, FileEntry
+from p2pnode.sync.scanner import ScanError
 from synckit import MiB, SyncPair, make_tree, open_pair
 
 ROOT = os.geteuid() == 0
@@ -237,3 +239,27 @@ async def test_periodic_full_rescan(pair: SyncPair):
                 await trio.sleep(0.1)
         assert pair.scanner.scans >= 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_missing_root_is_an_error_not_a_mass_deletion(pair: SyncPair):
+    make_tree(pair.src, large=MiB)
+    await pair.scan()
+    os.rename(pair.src, pair.base / "moved-away")
+    with pytest.raises(ScanError, match="source_path"):
+        await pair.scan()
+    assert not any(e.deleted for e in (await pair.index()).values())
+
+
+async def test_blocks_are_served_verified_and_never_through_a_symlink(pair: SyncPair, tmp_path: Path):
+    (pair.src / "a.bin").write_bytes(b"A" * 1000)
+    (pair.src / "b.bin").write_bytes(b"B" * 1000)
+    await pair.scan()
+    idx = await pair.index()
+    assert await read_block(pair.src_db, pair.src_repo, idx["a.bin"].blocks) == b"A" * 1000
+    (pair.src / "a.bin").write_bytes(b"changed, not rescanned yet")
+    assert await read_block(pair.src_db, pair.src_repo, idx["a.bin"].blocks) is None
+    (tmp_path / "outside").write_bytes(b"B" * 1000)  # the same bytes, reachable only through a symlink
+    os.unlink(pair.src / "b.bin")
+    os.symlink(tmp_path / "outside", pair.src / "b.bin")
+    assert await read_block(pair.src_db, pair.src_repo, idx["b.bin"].blocks) is None
+    assert await read_block(pair.src_db, pair.src_repo, digest(b"unknown")) is None

@@ -39,7 +39,7 @@ from .blocks import MAX_BLOCK
 from .database import Database
 from .ignore import IgnoreRules, NodeFilter, read_ignore_file
 from .index_db import Applied, BlockLocation, IndexRepo, Partial
-from .localfs import SafeRoot, UnsafePath, remove_at, temp_name
+from .localfs import SafeRoot, UnsafePath, read_exact, remove_at, temp_name
 from .model import DIR, FILE, SYMLINK, FolderConfig, NodeTarget
 from .planner import BlockPlan, Delete, FileWrite, MakeDir, MakeSymlink, Plan, PlanOptions, SetMeta, plan
 
@@ -176,16 +176,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-
-
-def _read_exact(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return data
 
 
 def _is_enospc(exc: OSError) -> bool:
@@ -505,7 +495,7 @@ class Applier:
                             if i >= e.block_total:
                                 continue
                             b = blocks[i]
-                            if hashlib.sha256(_read_exact(fd, b.size, b.offset)).digest() == b.hash:
+                            if hashlib.sha256(read_exact(fd, b.size, b.offset)).digest() == b.hash:
                                 satisfied.add(i)
                                 if not b.zero:
                                     report.blocks_resumed += 1
@@ -550,7 +540,7 @@ class Applier:
         try:
             if os.fstat(fd).st_size != size:
                 return False
-            return all(hashlib.sha256(_read_exact(fd, b.size, b.offset)).digest() == b.hash for b in blocks)
+            return all(hashlib.sha256(read_exact(fd, b.size, b.offset)).digest() == b.hash for b in blocks)
         finally:
             os.close(fd)
 
@@ -578,7 +568,7 @@ class Applier:
                     if fd < 0:
                         continue
                     try:
-                        data = _read_exact(fd, b.size, loc.offset)
+                        data = read_exact(fd, b.size, loc.offset)
                     except OSError:
                         continue
                     if len(data) == b.size and hashlib.sha256(data).digest() == b.hash:
@@ -594,23 +584,17 @@ class Applier:
     def _open_local(self, folder: str, name: str) -> int:
         """A read descriptor for a file this node holds, or -1; never through a symlink."""
         try:
-            dir_name, leaf = _split(name)
             if folder == self.folder:
-                dfd = self.root.open_dir(dir_name)
-            else:
-                root_path = self._other_roots.get(folder)
-                if not root_path:
-                    return -1
-                other = SafeRoot(root_path)
-                try:
-                    dfd = other.open_dir(dir_name)
-                finally:
-                    other.close()
+                return self.root.open_file(name)
+            root_path = self._other_roots.get(folder)
+            if not root_path:
+                return -1
+            other = SafeRoot(root_path)
             try:
-                return os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                return other.open_file(name)
             finally:
-                os.close(dfd)
-        except (UnsafePath, OSError, names.BadName):
+                other.close()
+        except (UnsafePath, OSError, DecodeError):
             return -1
 
     def _write_block(self, op: _OpenFile, b: BlockPlan, data: bytes) -> None:
@@ -735,7 +719,7 @@ async def sync_folder(
     total = ApplyReport()
     for _ in range(2):
         rules, local, case_insensitive = await trio.to_thread.run_sync(_read_target, folder, target)
-        keep = await db.read(lambda c: repo.partial_temps(c, folder.id))
+        keep = await db.write(lambda c: repo.partial_temps(c, folder.id))
         await trio.to_thread.run_sync(_remove_stale_temps, target, local[1], keep)
         applied = await db.read(lambda c: repo.applied_states(c, folder.id))
         options = PlanOptions(node.strategy, folder.ignore_permissions, root_user, case_insensitive)

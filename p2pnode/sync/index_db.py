@@ -465,8 +465,14 @@ class IndexRepo:
         conn.execute("DELETE FROM partials WHERE folder = ? AND name = ?", (key, name))
 
     def partial_temps(self, conn: sqlite3.Connection, folder: str) -> set[str]:
-        """(directory-relative) temp names that belong to a resumable download, which cleanup keeps."""
+        """Temp files (folder-relative) of resumable downloads, which cleanup keeps. Partials of names
+        the desired state no longer has as a file are dropped here, so their temps go too."""
         key = self.folder_key(conn, folder)
+        conn.execute(
+            "DELETE FROM partials WHERE folder = ? AND name NOT IN "
+            "(SELECT name FROM desired WHERE folder = ? AND deleted = 0 AND type = ?)",
+            (key, key, TYPE_CODE[FILE]),
+        )
         return {r[0] for r in conn.execute("SELECT temp FROM partials WHERE folder = ?", (key,))}
 
     # -- the block lookup ---------------------------------------------------------------------------

@@ -98,6 +98,23 @@ class SafeRoot:
         finally:
             os.close(root)
 
+    def open_file(self, name: str) -> int:
+        """A read-only descriptor of regular file `name`, no symlink followed anywhere on the way."""
+        dir_name, _, leaf = names.validate(name).rpartition("/")
+        dfd = self.open_dir(dir_name)
+        try:
+            fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(f"{name} is a symlink; not followed") from None
+            raise
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePath(f"{name} is not a regular file")
+        return fd
+
     # -- reading the local state ----------------------------------------------------------------------
     def walk(self, rules: IgnoreRules) -> tuple[dict[str, LocalState], list[str], list[str]]:
         """(name -> state, temp file names, names we skipped because they cannot be synced names)."""
@@ -160,6 +177,17 @@ class SafeRoot:
                 return False
         finally:
             os.unlink(probe, dir_fd=self.fd)
+
+
+def read_exact(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, fewer only at the end of the file."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def remove_at(dir_fd: int, leaf: str) -> None:

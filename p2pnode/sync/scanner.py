@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import sqlite3
+import stat
 import unicodedata
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import attrs
 import trio
 
+from ..errors import P2PNodeError
 from ..logfmt import fmt
 from . import names
 from .blocks import RACY_NS, Hashed, HashFailure, Hasher, HashJob, HashOutcome, StatSig
@@ -47,6 +49,10 @@ MAX_LOGGED_PROBLEMS = 20  # per scan; then one summary line
 MAX_RESCAN_PATHS = 10_000
 RACY_ROUNDS = 3  # files that changed while (or just before) they were hashed are hashed again this many times
 RACY_WAIT_S = RACY_NS / 1e9  # after this long without a change, a file is no longer racy  # more paths than this in one rescan: a full scan is cheaper
+
+
+class ScanError(P2PNodeError):
+    """The folder as a whole cannot be scanned (its root is missing or unreadable)."""
 
 
 @attrs.frozen
@@ -142,6 +148,7 @@ class Scanner:
         report = ScanReport(kind)
         t0 = trio.current_time()
         self.scans += 1
+        await trio.to_thread.run_sync(self._check_root)
         await self.db.write(lambda conn: self.repo.set_root(conn, self.folder.id, self.root))
         self._rules = await trio.to_thread.run_sync(self._load_rules)
         hashed_files, hashed_bytes = self.hasher.files_hashed, self.hasher.bytes_hashed
@@ -179,6 +186,15 @@ class Scanner:
             )
         )
         return report
+
+    def _check_root(self) -> None:
+        """A missing folder root is an error, never "everything was deleted" (which mirror would act on)."""
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            raise ScanError(f"folder {self.folder.id}: source_path {self.root} cannot be read ({exc.strerror}); nothing indexed") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ScanError(f"folder {self.folder.id}: source_path {self.root} is not a directory; nothing indexed")
 
     def _load_rules(self) -> IgnoreRules:
         text = None
@@ -253,6 +269,8 @@ class Scanner:
             with os.scandir(self._abs(disk)) as it:
                 listing = list(it)
         except FileNotFoundError:
+            if not name:
+                raise ScanError(f"folder {self.folder.id}: source_path {self.root} vanished during the scan; nothing indexed") from None
             listing = []  # vanished: everything it held becomes a tombstone below
         except NotADirectoryError:
             return  # replaced by a file since its parent was listed; the parent's next scan sees it
