@@ -4,7 +4,7 @@ set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PREFIX="" DATA_DIR="" SERVICE_USER="p2pnode" SYSTEMD="auto" MODE="standalone" START=0
-CLUSTER="" SYSTEM_PUBKEY="" ADMIN_DIR="" DOMAIN="" UNINSTALL=0 PURGE=0
+CLUSTER="" SYSTEM_PUBKEY="" ADMIN_DIR="" DOMAIN="" UNINSTALL=0 PURGE=0 DATA_DIR_GIVEN=""
 BOOTSTRAP=() LISTEN=() DNS=() HEARTBEAT=""
 
 usage() {
@@ -35,7 +35,8 @@ Options:
   --dns-server H:P       DNS server for bootstrap lookups (repeatable)
   --heartbeat SECONDS    heartbeat interval (default 30)
   --start                after installing, run the node in the foreground (quick start)
-  --uninstall            remove what install.sh installed; keeps the data dir unless --purge
+  --uninstall            remove what install.sh installed at --prefix (give the one you installed
+                         with; refuses if nothing is there); keeps the data dir unless --purge
   --purge                with --uninstall: also delete the data dir (keys included)
   -h, --help             this text
 
@@ -50,7 +51,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
-    --data-dir) DATA_DIR="${2:?--data-dir needs a directory}"; shift 2 ;;
+    --data-dir) DATA_DIR="${2:?--data-dir needs a directory}"; DATA_DIR_GIVEN=1; shift 2 ;;
     --user) SERVICE_USER="${2:?--user needs a name}"; shift 2 ;;
     --no-systemd) SYSTEMD="no"; shift ;;
     --new-system) MODE="new-system"; shift ;;
@@ -87,7 +88,14 @@ VENV="$PREFIX/venv"
 
 # --- uninstall --------------------------------------------------------------------------------------
 if [ $UNINSTALL -eq 1 ]; then
-  if [ "$SYSTEMD" = yes ] && [ -f "$UNIT" ]; then
+  if [ ! -f "$PREFIX/install.json" ] && [ ! -e "$VENV" ]; then
+    die "nothing is installed at $PREFIX (no install.json, no venv); give the --prefix you installed with"
+  fi
+  if [ -z "$DATA_DIR_GIVEN" ] && [ -f "$PREFIX/install.json" ]; then
+    # the data dir this install used (it may have been given with --data-dir)
+    DATA_DIR="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["data_dir"])' "$PREFIX/install.json" 2>/dev/null || echo "$DATA_DIR")"
+  fi
+  if [ "$SYSTEMD" = yes ] && [ -f "$UNIT" ] && grep -qF "$VENV/bin/p2pnode" "$UNIT"; then  # only this install's unit
     systemctl disable --now p2pnode.service || true
     rm -f "$UNIT"; systemctl daemon-reload
     say "removed $UNIT"
@@ -155,6 +163,35 @@ NODE_JSON="$("$VENV/bin/p2pnode" init "${INIT[@]}")"
 PEER_ID="$("$VENV/bin/python" -c 'import json,sys; print(json.loads(sys.argv[1])["peer_id"])' "$NODE_JSON")"
 echo "$NODE_JSON" > "$PREFIX/install.json"
 
+# Addresses from the listen addresses the config holds (the defaults or --listen): LOCAL_ADDR reaches
+# this node from here (a wildcard becomes loopback; TCP preferred), RECORD_ADDRS are for the _dnsaddr
+# TXT records (a wildcard becomes <public-ip>), MEMBER_ADDRS the concrete ones for the first snapshot.
+LOCAL_ADDR="" RECORD_ADDRS=() MEMBER_ADDRS=""
+while read -r kind addr; do
+  case "$kind" in
+    local) LOCAL_ADDR="$addr" ;;
+    record) RECORD_ADDRS+=("$addr") ;;
+    member) MEMBER_ADDRS="${MEMBER_ADDRS:+$MEMBER_ADDRS,}$addr" ;;
+  esac
+done < <("$VENV/bin/python" - "$NODE_JSON" <<'PY'
+import ipaddress, json, sys
+from p2pnode.multiaddr import Multiaddr
+info = json.loads(sys.argv[1])
+local = []
+for text in info["listen"]:
+    (proto, ip), *rest = Multiaddr.parse(text).components
+    tail = "".join(f"/{n}" if v is None else f"/{n}/{v}" for n, v in rest) + "/p2p/" + info["peer_id"]
+    wildcard = ipaddress.ip_address(ip).is_unspecified
+    local.append((("ws", None) in rest, f"/{proto}/{({'ip4': '127.0.0.1', 'ip6': '::1'}[proto]) if wildcard else ip}{tail}"))
+    print("record", f"/{proto}/{'<public-ip>' if proto == 'ip4' else '<public-ipv6>'}{tail}" if wildcard else f"/{proto}/{ip}{tail}")
+    if not wildcard and not ipaddress.ip_address(ip).is_loopback:
+        print("member", text)
+if local:
+    print("local", min(local, key=lambda x: x[0])[1])  # the first TCP address, else the first
+PY
+)
+[ -n "$LOCAL_ADDR" ] || die "the config has no listen address"
+
 if [ $IS_ROOT -eq 1 ] && [ "$SYSTEMD" = yes ]; then
   chown -R "$SERVICE_USER:$SERVICE_USER" "$DATA_DIR"
 fi
@@ -162,9 +199,10 @@ fi
 if [ "$MODE" = new-system ]; then
   # the first snapshot: this node alone, so it is healthy as soon as it starts
   FIRST="$ADMIN_DIR/first.snapshot"
+  PUBLISH_FIRST="$ADMIN publish $FIRST --to $LOCAL_ADDR"
   if [ ! -f "$FIRST" ]; then
     "$ADMIN" snapshot --admin-key "$ADMIN_DIR/admin.key" --proof "$ADMIN_DIR/admin.proof" --state-dir "$ADMIN_DIR/state" \
-      --add "$PEER_ID;name=$(hostname -s 2>/dev/null || echo node1)" --out "$FIRST" --json > /dev/null
+      --add "$PEER_ID;name=$(hostname -s 2>/dev/null || echo node1)${MEMBER_ADDRS:+;addrs=$MEMBER_ADDRS}" --out "$FIRST" --json > /dev/null
   fi
   BUNDLE="$("$ADMIN" bundle export --admin-key "$ADMIN_DIR/admin.key" --proof "$ADMIN_DIR/admin.proof" \
       --system-pubkey "$SYSTEM_PUBKEY" ${DOMAIN:+--bootstrap "$DOMAIN"})"
@@ -176,8 +214,7 @@ this node      $PEER_ID
 admin material $ADMIN_DIR   (move it off this server; keep system.key offline)
 
 DNS: publish these TXT records (replace <public-ip> with this server's address):
-$("$ADMIN" dnsaddr --domain "${DOMAIN:-cluster.example.com}" "/ip4/<public-ip>/tcp/4100/p2p/$PEER_ID" 2>/dev/null || \
-   echo "_dnsaddr.${DOMAIN:-cluster.example.com}. 300 IN TXT \"dnsaddr=/ip4/<public-ip>/tcp/4100/p2p/$PEER_ID\"")
+$(for a in "${RECORD_ADDRS[@]}"; do echo "_dnsaddr.${DOMAIN:-cluster.example.com}. 300 IN TXT \"dnsaddr=$a\""; done)
 
 Join another server:
   ./install.sh --join --cluster $CLUSTER --system-pubkey $SYSTEM_PUBKEY --bootstrap ${DOMAIN:-cluster.example.com}
@@ -186,7 +223,6 @@ Admin bundle (contains the admin private key):
 $BUNDLE
 
 First snapshot (this node only): $FIRST
-  publish it once the node runs:  $ADMIN publish $FIRST --to /ip4/127.0.0.1/tcp/4100/p2p/$PEER_ID
 INFO
 fi
 
@@ -199,11 +235,22 @@ if [ "$SYSTEMD" = yes ]; then
   say "p2pnode.service enabled and started; logs: journalctl -u p2pnode -f; status: $VENV/bin/p2pnode status --data-dir $DATA_DIR"
   if [ "$MODE" = new-system ]; then
     for _ in $(seq 1 30); do [ -S "$DATA_DIR/control.sock" ] && break; sleep 1; done
-    "$ADMIN" publish "$ADMIN_DIR/first.snapshot" --to "/ip4/127.0.0.1/tcp/4100/p2p/$PEER_ID" --timeout 30 || \
-      say "could not publish the first snapshot yet; run the publish command above"
+    "$ADMIN" publish "$FIRST" --to "$LOCAL_ADDR" --timeout 30 || \
+      say "could not publish the first snapshot yet; once the node runs: $PUBLISH_FIRST"
   fi
 else
   say "installed: $VENV/bin/p2pnode run --data-dir $DATA_DIR   (peer $PEER_ID)"
+  if [ "$MODE" = new-system ]; then
+    if [ $START -eq 1 ]; then STEP="It starts now, in the foreground (--start)."; else STEP="Start it:
+  $VENV/bin/p2pnode run --data-dir $DATA_DIR"; fi
+    cat <<MANUAL
+
+Without systemd nothing starts the node or publishes the first snapshot: do both by hand.
+$STEP
+Then, from another shell, publish the first snapshot (this node becomes healthy):
+  $PUBLISH_FIRST
+MANUAL
+  fi
 fi
 
 if [ $START -eq 1 ]; then

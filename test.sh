@@ -12,6 +12,8 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)  # DNS TXT bootstrap tests
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)                                        # network-namespace hosts
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)                            # verifying the unit
+{ command -v podman && command -v runc; } >/dev/null 2>&1 || need_apt+=(podman runc)         # deploy.docker tests
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need_apt+=(busybox-static) # their image's rootfs
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need_apt[*]} with apt-get" >&2
@@ -33,4 +35,6 @@ if [ ! -d tests/interop/node_modules ] || [ tests/interop/package-lock.json -nt 
   npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 fi
 
+# hypothesis: no deadline or too_slow health check on a busy machine (tests/conftest.py); same examples
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 exec .venv/bin/python -m pytest "$@"

@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from . import __version__, control, logfmt
+from . import __version__, control, datadir, logfmt
 from .cluster.status import fetch_status
 from .config import CONFIG_NAME, ConfigError, load_or_create, parse
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
@@ -24,7 +24,7 @@ from .multiaddr import Multiaddr
 from .node import Node
 from .stdproto import identify as identify_proto
 from .stdproto import ping as ping_proto
-from .store import StoreError
+from .platform.db import StoreError
 from .trioutil import open_nursery_unwrapped
 
 log = logging.getLogger("p2pnode")
@@ -41,11 +41,16 @@ def _parse_addr(text: str) -> Multiaddr:
     try:
         return Multiaddr.parse(text)
     except DecodeError as exc:
-        raise SystemExit(f"p2pnode: bad multiaddr: {exc}") from None
+        raise SystemExit(f"p2pnode: {exc}") from None  # the message names the multiaddr and the part that is wrong
 
 
 # -- run ---------------------------------------------------------------------------------------
 async def _run(args: argparse.Namespace) -> int:
+    with datadir.lock(args.data_dir):  # before anything is written there: a second node stops here
+        return await _run_locked(args)
+
+
+async def _run_locked(args: argparse.Namespace) -> int:
     config, created = load_or_create(args.data_dir)
     if args.listen:
         config = attrs.evolve(config, listen=tuple(_parse_addr(a) for a in args.listen))
@@ -53,16 +58,19 @@ async def _run(args: argparse.Namespace) -> int:
     if created:
         log.info(logfmt.fmt("config_created", path=config.data_dir / "config.json"))
     node = Node(config)
-    async with open_nursery_unwrapped() as nursery:
-        await nursery.start(node.run)
-        for addr in node.host.full_addrs():
-            print(addr, flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Catch the signals before anything is printed: whoever reads the addresses may stop us at
+    # once, and a signal that arrives while the node starts is handled once it has started.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_nursery_unwrapped() as nursery:
+            await nursery.start(node.run)
+            assert node.host is not None  # set before the node reports started
+            for addr in node.host.full_addrs():
+                print(addr, flush=True)
             async for signum in signals:
                 log.info(logfmt.fmt("stopping", signal=signal.Signals(signum).name))
                 break
-        with trio.fail_after(STOP_TIMEOUT):
-            await node.stop()
+            with trio.fail_after(STOP_TIMEOUT):
+                await node.stop()
     return 0
 
 
@@ -114,6 +122,7 @@ async def _id(args: argparse.Namespace) -> int:
 
 async def _init(args: argparse.Namespace) -> int:
     """Create or update <data-dir>/config.json and the node key; never replaces an existing key."""
+    datadir.prepare(args.data_dir)
     config, created = load_or_create(args.data_dir)
     raw = config.to_json()
     if args.listen:
@@ -201,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run a node. On first start it writes <data-dir>/config.json with defaults (TCP 4100, "
         "WebSocket, both on 4100) and a new Ed25519 key <data-dir>/node.key (mode 0600). Prints its full "
         "multiaddrs (with /p2p/<peer id>) on stdout and logs in logfmt on stderr; SIGTERM or "
-        "Ctrl-C stops it cleanly (go-away sent to every peer)."))
+        "Ctrl-C stops it cleanly (go-away sent to every peer). One node per data dir: a second "
+        "`p2pnode run` on the same data dir exits with code 2 naming the first one's pid."))
     run.add_argument("--data-dir", default=default_data_dir(), help="data directory (default: $P2PNODE_DATA_DIR or ./.p2pnode)")
     run.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address, repeatable; overrides config.json's listen")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides config.json's log_level")
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"p2pnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (KeyFileError, StoreError, control.ControlError) as exc:
+    except (KeyFileError, StoreError, control.ControlError, datadir.DataDirError) as exc:
         print(f"p2pnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except trio.TooSlowError:

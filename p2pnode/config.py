@@ -35,6 +35,19 @@ class InitConnection:
 
 
 @attrs.frozen
+class SyncConfig:
+    """`sync` section: where this node lets folder sync read and write, whatever an admin signs."""
+
+    allowed_roots: tuple[Path, ...] = ()  # empty: this node takes part in no folder
+    rescan_interval: float = 3600.0  # seconds between full rescans of a source folder (safety net for the watcher)
+    max_bytes_in_flight: int = 32 << 20  # per folder, while pulling blocks
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allowed_roots": [str(p) for p in self.allowed_roots], "rescan_interval": self.rescan_interval,
+                "max_bytes_in_flight": self.max_bytes_in_flight}
+
+
+@attrs.frozen
 class NodeConfig:
     data_dir: Path
     listen: tuple[Multiaddr, ...] = tuple(Multiaddr.parse(a) for a in DEFAULT_LISTEN)
@@ -46,6 +59,8 @@ class NodeConfig:
     dns_nameservers: tuple[str, ...] = ()
     heartbeat_interval: float = 30.0
     log_level: str = "info"
+    public_status: bool = False
+    sync: SyncConfig = SyncConfig()
 
     @property
     def key_path(self) -> Path:
@@ -63,6 +78,8 @@ class NodeConfig:
             "dns_nameservers": list(self.dns_nameservers),
             "heartbeat_interval": self.heartbeat_interval,
             "log_level": self.log_level,
+            "public_status": self.public_status,
+            "sync": self.sync.to_json(),
         }
 
 
@@ -159,7 +176,42 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         if raw["log_level"] not in LOG_LEVELS:
             raise _fail("log_level", raw["log_level"], f"allowed: {', '.join(LOG_LEVELS)}")
         kw["log_level"] = raw["log_level"]
+    if "public_status" in raw:
+        if not isinstance(raw["public_status"], bool):
+            raise _fail("public_status", raw["public_status"], "expected true or false")
+        kw["public_status"] = raw["public_status"]
+    if "sync" in raw:
+        kw["sync"] = _sync_section(raw["sync"])
     return NodeConfig(data_dir=data_dir, **kw)
+
+
+def _roots(field: str, value: Any) -> tuple[Path, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+        raise _fail(field, value, 'expected a list of absolute directory paths such as ["/srv"]')
+    return tuple(Path(os.path.normpath(v)) for v in value)
+
+
+def _sync_section(raw: Any) -> SyncConfig:
+    if not isinstance(raw, dict):
+        raise _fail("sync", raw, 'expected an object such as {"allowed_roots": ["/srv"]}')
+    known = set(attrs.fields_dict(SyncConfig))
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"config field 'sync.{key}' is unknown; allowed fields: {', '.join(sorted(known))}")
+    kw: dict[str, Any] = {}
+    if "allowed_roots" in raw:
+        kw["allowed_roots"] = _roots("sync.allowed_roots", raw["allowed_roots"])
+    if "rescan_interval" in raw:
+        value = raw["rescan_interval"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 10 <= value <= 7 * 86400:
+            raise _fail("sync.rescan_interval", value, "expected seconds between 10 and 604800")
+        kw["rescan_interval"] = float(value)
+    if "max_bytes_in_flight" in raw:
+        value = raw["max_bytes_in_flight"]
+        if isinstance(value, bool) or not isinstance(value, int) or not (1 << 20) <= value <= (1 << 30):
+            raise _fail("sync.max_bytes_in_flight", value, "expected bytes between 1048576 and 1073741824")
+        kw["max_bytes_in_flight"] = value
+    return SyncConfig(**kw)
 
 
 def load_or_create(data_dir: str | os.PathLike) -> tuple[NodeConfig, bool]:

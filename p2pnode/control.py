@@ -1,16 +1,15 @@
 """Local control API: HTTP/1.1 + JSON on a Unix socket in the data dir (mode 0600, owner only).
 
 h11 (the sans-IO HTTP library trio-websocket already brings) parses the requests; one request
-per connection. Routes:
+per connection. The routes are what the services contribute (`Service.routes()`), e.g.
     GET  /status            the node's status view (as /p2pnode/status/1.0.0 returns it)
     GET  /status?members=1  with every member
-    POST /push              body: a signed snapshot or revocation envelope (CBOR, hex or base64
-                            in JSON {"envelope": "..."}) → the node's verdict
+    POST /push              body: a signed document (CBOR, hex or base64 in JSON
+                            {"envelope": "..."}) → the node's verdict
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -21,9 +20,12 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from .envelope import Envelope
+from collections.abc import Sequence
+from typing import Any
+
 from .errors import DecodeError, P2PNodeError
 from .logfmt import fmt
+from .platform.service import ControlRequest, Route
 
 SOCKET_NAME = "control.sock"
 MAX_BODY = 4 << 20
@@ -36,7 +38,7 @@ class ControlError(P2PNodeError):
     pass
 
 
-async def serve(node, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(routes: Sequence[Route], path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     path = Path(path)
     if path.exists() or path.is_symlink():
         path.unlink()
@@ -52,19 +54,19 @@ async def serve(node, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> No
     log.info(fmt("control_listening", path=path))
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, lambda stream: _handle(node, stream), [listener])
+            await nursery.start(trio.serve_listeners, lambda stream: _handle(routes, stream), [listener])
             task_status.started()
     finally:
         path.unlink(missing_ok=True)
 
 
-async def _handle(node, stream: trio.SocketStream) -> None:
+async def _handle(routes: Sequence[Route], stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     try:
         with trio.fail_after(TIMEOUT):
             request, body = await _read_request(conn, stream)
-            status, payload = await _route(node, request, body)
-    except (h11.RemoteProtocolError, ControlError) as exc:
+            status, payload = await _route(routes, request, body)
+    except (h11.RemoteProtocolError, ControlError, DecodeError) as exc:
         status, payload = 400, {"error": str(exc)}
     except trio.TooSlowError:
         status, payload = 408, {"error": "request timed out"}
@@ -83,13 +85,13 @@ async def _handle(node, stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def _read_request(conn: h11.Connection, stream) -> tuple[h11.Request, bytes]:
-    request = None
+async def _read_request(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> tuple[h11.Request, bytes]:
+    request: h11.Request | None = None
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
@@ -97,32 +99,24 @@ async def _read_request(conn: h11.Connection, stream) -> tuple[h11.Request, byte
             if len(body) > MAX_BODY:
                 raise ControlError(f"request body larger than {MAX_BODY} bytes")
         elif isinstance(event, h11.EndOfMessage):
+            if request is None:
+                raise ControlError("no request line")
             return request, bytes(body)
         elif isinstance(event, h11.ConnectionClosed):
             raise trio.BrokenResourceError("client went away")
 
 
-async def _route(node, request: h11.Request, body: bytes) -> tuple[int, dict]:
+async def _route(routes: Sequence[Route], request: h11.Request, body: bytes) -> tuple[int, Any]:
     url = urlsplit(request.target.decode())
-    query = parse_qs(url.query)
     method = request.method.decode()
-    if url.path == "/status" and method == "GET":
-        members = query.get("members", ["0"])[0] in ("1", "true", "yes")
-        return 200, node.status.view(members)
-    if url.path == "/push" and method == "POST":
-        try:
-            raw = json.loads(body)
-            blob = raw["envelope"]
-            data = bytes.fromhex(blob) if all(c in "0123456789abcdefABCDEF" for c in blob) else base64.b64decode(blob, validate=True)
-            env = Envelope.from_bytes(data)
-        except (ValueError, KeyError, TypeError, DecodeError) as exc:
-            raise ControlError(f"body must be JSON {{\"envelope\": \"<hex or base64 CBOR>\"}} holding a signed document: {exc}") from None
-        verdict = await node.membership.offer(env, None)
-        return (200 if verdict.result != "rejected" else 422), verdict.to_dict()
-    return 404, {"error": f"no route {method} {url.path}; try GET /status, GET /status?members=1, POST /push"}
+    for route in routes:
+        if route.matches(method, url.path):
+            return await route.handler(ControlRequest(method, url.path, parse_qs(url.query), body))
+    known = ", ".join(f"{r.method} {r.path}" for r in routes)
+    return 404, {"error": f"no route {method} {url.path}; try {known}"}
 
 
-async def request(path: Path, method: str, target: str, body: dict | None = None) -> tuple[int, dict]:
+async def request(path: Path, method: str, target: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     """Client side, for the CLI: one request to the node's control socket."""
     try:
         stream = await trio.open_unix_socket(str(path))

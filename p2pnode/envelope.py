@@ -28,6 +28,14 @@ DOMAINS = {
 }
 
 
+def register_type(type_: str, domain: str) -> None:
+    """Make a new envelope type known (at import of the module that defines it). Its domain
+    string must be new, so one kind of signature can never be replayed as another."""
+    if DOMAINS.get(type_, domain) != domain or (type_ not in DOMAINS and domain in DOMAINS.values()):
+        raise ValueError(f"envelope type {type_!r} / domain {domain!r} clashes with a registered one")
+    DOMAINS[type_] = domain
+
+
 class SignatureInvalid(DecodeError):
     """The envelope is well formed but its signature does not verify."""
 

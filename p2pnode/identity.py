@@ -28,6 +28,8 @@ MULTIHASH_IDENTITY = 0x00
 MULTIHASH_SHA2_256 = 0x12
 CID_CODEC_LIBP2P_KEY = 0x72
 MAX_INLINE_KEY_LEN = 42
+# Text lengths of the base58btc forms: an Ed25519 key inlined (identity multihash), a sha2-256 digest.
+_TEXT_LENGTHS = (("12D3KooW", 52), ("Qm", 46))
 
 
 class KeyFileError(P2PNodeError):
@@ -52,7 +54,7 @@ class PublicKey:
         fields = protobuf.decode_fields(data)
         key_type = protobuf.first(fields, 1, int)
         key_data = protobuf.first(fields, 2, bytes)
-        if key_type is None or key_data is None:
+        if not isinstance(key_type, int) or not isinstance(key_data, bytes):
             raise DecodeError("PublicKey protobuf lacks Type or Data")
         if key_type != KEY_TYPE_ED25519:
             name = _KEY_TYPE_NAMES.get(key_type, f"unknown type {key_type}")
@@ -114,7 +116,7 @@ class KeyPair:
         if protobuf.first(fields, 1, int) != KEY_TYPE_ED25519:
             raise DecodeError("private key is not an Ed25519 libp2p PrivateKey")
         key_data = protobuf.first(fields, 2, bytes)
-        if key_data is None or len(key_data) not in (32, 64):
+        if not isinstance(key_data, bytes) or len(key_data) not in (32, 64):
             raise DecodeError("Ed25519 private key data must be 32 or 64 bytes")
         pair = cls.from_seed(key_data[:32])
         if len(key_data) == 64 and key_data[32:] != pair.public_key.raw:
@@ -174,7 +176,7 @@ class PeerId:
         code, pos = varint.decode_complete(data)
         length, pos = varint.decode_complete(data, pos)
         if len(data) - pos != length:
-            raise DecodeError(f"peer ID multihash length {length} does not match {len(data) - pos} digest bytes")
+            raise DecodeError(f"truncated or corrupted: its multihash declares {length} digest bytes but holds {len(data) - pos}")
         if code == MULTIHASH_IDENTITY:
             if length > MAX_INLINE_KEY_LEN:
                 raise DecodeError("identity-hashed peer ID is longer than 42 bytes")
@@ -196,15 +198,28 @@ class PeerId:
     def _from_string(cls, text: str) -> PeerId:
         if not isinstance(text, str) or not text:
             raise DecodeError("empty peer ID")
+        try:
+            return cls._from_text_form(text)
+        except DecodeError as exc:
+            raise DecodeError(f"invalid peer ID {text!r}: {exc}") from None
+
+    @classmethod
+    def _from_text_form(cls, text: str) -> PeerId:
         if text.startswith(("Qm", "1")):
-            return cls.from_bytes(multibase.b58decode(text))
+            raw = multibase.b58decode(text)
+            for prefix, length in _TEXT_LENGTHS:
+                if text.startswith(prefix) and len(text) != length:
+                    # the common slip: an ID cut short, or run into other text, when copied
+                    raise DecodeError(f"a {prefix}… peer ID has {length} characters, this one has {len(text)}; "
+                                      "check that it was copied whole")
+            return cls.from_bytes(raw)
         prefix, body = text[0], text[1:]
         if prefix == "b":
             raw = multibase.b32decode_lower(body)
         elif prefix == "z":
             raw = multibase.b58decode(body)
         else:
-            raise DecodeError(f"peer ID {text!r} is neither base58btc nor a base32/base58 CID")
+            raise DecodeError("it is neither base58btc nor a base32/base58 CID (a peer ID looks like 12D3KooW… or Qm…)")
         version, pos = varint.decode_complete(raw)
         if version != 1:
             raise DecodeError(f"peer ID CID must be version 1, got {version}")

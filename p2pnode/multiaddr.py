@@ -57,7 +57,10 @@ def _value_to_bytes(proto: _Proto, value: str) -> bytes:
     except ValueError:
         raise DecodeError(f"multiaddr /{name}: invalid value {value!r}") from None
     if name == "p2p":
-        return PeerId.from_string(value).multihash
+        try:
+            return PeerId.from_string(value).multihash
+        except DecodeError as exc:
+            raise DecodeError(f"multiaddr /{name}: {exc}") from None
     if name in ("dns", "dns4", "dns6", "dnsaddr"):
         if not value or len(value) > MAX_DNS_NAME or "/" in value:
             raise DecodeError(f"multiaddr /{name}: invalid domain name {value!r}")

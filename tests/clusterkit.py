@@ -124,7 +124,7 @@ class ClusterNode:
     async def stop(self) -> None:
         await self.node.stop()
         with trio.fail_after(10):
-            while not self.node.store._closed:
+            while not self.node.db.closed:
                 await trio.sleep(0.01)
 
 

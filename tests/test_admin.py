@@ -1,9 +1,13 @@
-"""p2pnode-admin, run as operators run it (a process), against real nodes."""
+"""p2pnode-admin against real nodes. Commands run in the test's own trio loop (`cli.run`, the
+same coroutine the console script runs under trio.run); as a process only where the process is
+what is tested. Keys are unencrypted (no Argon2id) except in the test about encryption."""
 
+import io
 import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,22 +15,28 @@ import trio
 
 from clusterkit import ClusterKit, ClusterNode, wait_for
 from dnsserver import dnsmasq
+from p2pnode_admin import cli
 
-ENV = {**os.environ, "P2PNODE_ADMIN_PASSPHRASE": "correct horse"}
+PASSPHRASE_ENV = "P2PNODE_ADMIN_PASSPHRASE"
 
 
-async def admin(*args, env=ENV, check=True):
-    """Run p2pnode-admin; returns (exit code, parsed JSON or text, stderr)."""
-    result = await trio.run_process([sys.executable, "-m", "p2pnode_admin.cli", *args], capture_stdout=True,
-                                    capture_stderr=True, check=False, env=env)
-    out = result.stdout.decode()
-    if check and result.returncode != 0:
-        raise AssertionError(f"p2pnode-admin {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
+@pytest.fixture(autouse=True)
+def keys_in_the_clear(monkeypatch):
+    """The passphrase variable implies encryption: keep it out unless a test sets it."""
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+
+
+async def admin(*args, check=True):
+    """Run p2pnode-admin in this process; returns (exit code, parsed JSON or text, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await cli.run(list(args), stdout=out, stderr=err)
+    if check and code != 0:
+        raise AssertionError(f"p2pnode-admin {' '.join(args)} exited {code}: {err.getvalue()}")
     try:
-        parsed = json.loads(out)
+        parsed = json.loads(out.getvalue())
     except json.JSONDecodeError:
-        parsed = out
-    return result.returncode, parsed, result.stderr.decode()
+        parsed = out.getvalue()
+    return code, parsed, err.getvalue()
 
 
 @pytest.fixture
@@ -40,8 +50,13 @@ async def cluster(tmp_path, nursery):
         _, info, _ = await admin("new-node", "--dir", str(tmp_path / name), "--json")
         node = ClusterNode(ClusterKit(), tmp_path, name, cluster_id="prod", system_pubkey=system["system_pubkey"])
         assert str(node.peer_id) == info["peer_id"]  # the node runs with the provisioned key
-        await node.start(nursery)
         nodes.append(node)
+    # each bootstraps from the other, as nodes of a cluster find each other through DNS: they are
+    # connected before the first snapshot, so a push to one is forwarded to the other at once
+    nodes[0].set_bootstrap([("multiaddr", str(nodes[1].full_addr))])
+    nodes[1].set_bootstrap([("multiaddr", str(nodes[0].full_addr))])
+    for node in nodes:
+        await node.start(nursery)
     return {"keys": keys, "system": system, "admin": adm, "nodes": nodes, "tmp": tmp_path}
 
 
@@ -49,19 +64,31 @@ def spec(node) -> str:
     return f"{node.peer_id};name={node.name};addrs={node.addr};labels=web"
 
 
-async def test_keys_are_0600_and_encrypted(cluster):
-    keys = cluster["keys"]
+async def test_keys_are_0600_and_encrypted_with_the_passphrase(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    monkeypatch.setenv(PASSPHRASE_ENV, "correct horse")
+    await admin("init-system", "--dir", str(keys))
+    # new-admin decrypts the system key with the passphrase, then encrypts the admin key with it
+    _, adm, _ = await admin("new-admin", "--system-key", str(keys / "system.key"), "--cluster", "prod", "--dir", str(keys), "--json")
     for name in ("system.key", "admin.key"):
         assert stat.S_IMODE((keys / name).stat().st_mode) == 0o600
         assert (keys / name).read_bytes().startswith(b"P2PNODE-ENCRYPTED-KEY-V1\n")
-    code, _, err = await admin("rotate", "--system-key", str(keys / "system.key"), "--cluster", "prod",
-                               "--admin", cluster["admin"]["admin_peer_id"], "--out", str(keys / "x.proof"),
-                               env={**ENV, "P2PNODE_ADMIN_PASSPHRASE": "wrong"}, check=False)
-    assert code == 2 and "wrong passphrase" in err
-    env = {k: v for k, v in ENV.items() if k != "P2PNODE_ADMIN_PASSPHRASE"}
-    code, _, err = await admin("rotate", "--system-key", str(keys / "system.key"), "--cluster", "prod",
-                               "--admin", cluster["admin"]["admin_peer_id"], "--out", str(keys / "x.proof"), env=env, check=False)
+    rotate = ("rotate", "--system-key", str(keys / "system.key"), "--cluster", "prod", "--admin", adm["admin_peer_id"],
+              "--out", str(keys / "x.proof"))
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    code, _, err = await admin(*rotate, check=False)
+    assert code == 2 and "wrong passphrase" in err and not (keys / "x.proof").exists()
+    monkeypatch.delenv(PASSPHRASE_ENV)
+    code, _, err = await admin(*rotate, check=False)
     assert code == 2 and "is encrypted: set $P2PNODE_ADMIN_PASSPHRASE" in err
+    code, _, err = await admin("init-system", "--dir", str(tmp_path / "other"), "--encrypt", check=False)
+    assert code == 2 and "--encrypt needs a passphrase" in err and not (tmp_path / "other" / "system.key").exists()
+
+
+async def test_unencrypted_keys_are_0600(cluster):
+    for name in ("system.key", "admin.key"):
+        path = cluster["keys"] / name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and not path.read_bytes().startswith(b"P2PNODE-ENCRYPTED")
 
 
 async def test_snapshot_publish_inspect_and_refusals(cluster):
@@ -88,6 +115,19 @@ async def test_snapshot_publish_inspect_and_refusals(cluster):
     code, out, _ = await admin("publish", snap2, "--to", str(b.full_addr), "--timeout", "10", "--json")
     assert out["holding"] == 1
     await wait_for(lambda: b.node.health.state == "unconfigured", what="b removed")
+    s2_issued = a.node.membership.current.issued_at
+
+    # publishing a snapshot the nodes already hold, or an older one, answers at once with each node's verdict
+    code, out, _ = await admin("publish", snap2, "--to", str(b.full_addr), "--timeout", "60", "--json")
+    assert code == 0 and out["result"] == "ignored" and out["holding"] == 1
+    started = time.monotonic()
+    code, out, err = await admin("publish", snap, "--to", str(a.full_addr), "--timeout", "60", "--json", check=False)
+    assert time.monotonic() - started < 10  # not the 60 s --timeout
+    assert code == 1 and out["result"] == "ignored" and out["holding"] == 0
+    assert [(n["verdict"], n["code"], n["holds"]) for n in out["nodes"]] == [("ignored", "not_newer", s2_issued)] * 2
+    code, text, _ = await admin("publish", snap, "--to", str(a.full_addr), check=False)
+    assert code == 1 and text.splitlines()[0] == f"0 of 2 members hold the snapshot issued at {out['issued_at']}"
+    assert f"a {a.peer_id}: ignored (not_newer), holds a newer snapshot, issued at {s2_issued}" in text
 
     # refusing to sign one older than the newest known (the state dir remembers)
     state = keys / "state" / "last_snapshot"
@@ -127,10 +167,24 @@ async def test_revoke_rotate_and_bundle(cluster):
     assert out["valid"] and out["reason"] == "laptop stolen"
     code, out, _ = await admin("publish", rev, "--to", str(a.full_addr), "--json")
     assert out["result"] == "accepted"
-    await wait_for(lambda: b.node.membership.revocations or not b.node.host.connections(), what="revocation spread")
+    assert len(a.node.membership.revocations) == 1  # applied before the verdict was sent
+    # the admin tool refuses to sign with a key it knows is revoked: learned from the base node, or from a file
+    sign = ("snapshot", "--admin-key", str(keys / "admin.key"), "--proof", str(keys / "admin.proof"), "--state-dir", str(tmp / "st"),
+            "--add", spec(a))
+    refused = (f"refusing to sign: admin {cluster['admin']['admin_peer_id']} was revoked by the system key at ", "(reason: laptop stolen)")
+    code, _, err = await admin(*sign, "--base", str(a.full_addr), "--out", str(tmp / "x.snap"), check=False)
+    assert code == 2 and all(part in err for part in refused) and not (tmp / "x.snap").exists()
+    code, _, err = await admin(*sign, "--revocation", rev, "--out", str(tmp / "x.snap"), check=False)
+    assert code == 2 and all(part in err for part in refused) and not (tmp / "x.snap").exists()
+    foreign = str(tmp / "foreign.rev")
+    await admin("init-system", "--dir", str(tmp / "foreign"))
+    await admin("revoke", "--system-key", str(tmp / "foreign" / "system.key"), "--cluster", "prod",
+                "--admin", cluster["admin"]["admin_peer_id"], "--out", foreign)
+    code, _, err = await admin(*sign, "--revocation", foreign, "--out", str(tmp / "x.snap"), check=False)
+    assert code == 2 and f"--revocation {foreign}: not a revocation of cluster prod's system key" in err
+    # signed anyway (the tool cannot know without a base or the file): the nodes refuse it, and say why
     snap = str(tmp / "by-revoked.snap")
-    await admin("snapshot", "--admin-key", str(keys / "admin.key"), "--proof", str(keys / "admin.proof"),
-                "--state-dir", str(tmp / "st"), "--add", spec(a), "--out", snap)
+    await admin(*sign, "--out", snap)
     code, out, _ = await admin("publish", snap, "--to", str(a.full_addr), "--json", check=False)
     assert code == 1 and out["code"] == "revoked_admin"
 
@@ -182,3 +236,21 @@ async def test_help_for_every_subcommand():
     for cmd in ("export", "import"):
         code, text, _ = await admin("bundle", cmd, "--help")
         assert code == 0 and "--json" in text
+    code, out, err = await admin("snapshot", "--out", "x", check=False)
+    assert code == 2 and out == "" and "error: the following arguments are required: --admin-key, --proof" in err
+
+
+async def test_console_entry_point_as_a_process(tmp_path):
+    """What only a process shows: the module runs, prints JSON on stdout, and exits with the
+    command's code; errors are one line on stderr, exit 2."""
+    async def process(*args):
+        result = await trio.run_process([sys.executable, "-m", "p2pnode_admin.cli", *args], capture_stdout=True,
+                                        capture_stderr=True, check=False, env={k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV})
+        return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+    code, out, err = await process("new-node", "--dir", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out)["peer_id"].startswith("12D3KooW") and err == ""
+    code, out, err = await process("new-node", "--dir", str(tmp_path))
+    assert code == 2 and out == "" and err == f"p2pnode-admin: {tmp_path}/node.key already exists; refusing to overwrite a node key\n"
+    code, out, _ = await process("--help")
+    assert code == 0 and "snapshot" in out and "publish" in out

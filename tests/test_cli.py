@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from clusterkit import free_tcp_port
+from p2pnode import datadir
 
 P2PNODE = [sys.executable, "-m", "p2pnode"]
 
@@ -98,6 +100,10 @@ def test_bad_multiaddr_is_a_clear_error():
     result = run("ping", "/ip4/127.0.0.1/tcp/notaport")
     assert result.returncode != 0
     assert "invalid value 'notaport'" in result.stderr and "Traceback" not in result.stderr
+    result = run("ping", "/ip4/127.0.0.1/tcp/4100/p2p/12D3KooWbogus")
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("p2pnode: multiaddr /p2p: invalid peer ID '12D3KooWbogus': a 12D3KooW… peer ID has "
+                                     "52 characters, this one has 13; check that it was copied whole")
 
 
 @pytest.mark.parametrize(
@@ -166,3 +172,71 @@ def test_status_without_a_running_node_says_so(tmp_path):
     result = run("status", "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "is `p2pnode run` running with this data dir?" in result.stderr
+
+
+def test_second_node_on_one_data_dir_is_refused(node, tmp_path):
+    proc, addrs = node
+    data = tmp_path / "data"
+    second = run("run", "--data-dir", str(data), "--listen", f"/ip4/127.0.0.1/tcp/{free_tcp_port()}", timeout=30)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"p2pnode: data dir {data} is in use by another p2pnode (pid {proc.pid}); "
+                                     "stop it first, or use another --data-dir")
+    assert proc.poll() is None and (data / "control.sock").exists()  # the first one is untouched
+    assert run("status", "--data-dir", str(data)).returncode == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    # the lock dies with its process: the data dir is usable again at once
+    with datadir.lock(data):
+        assert (data / "lock").read_text().strip() == str(os.getpid())
+
+
+def test_data_dir_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):
+    data = tmp_path / "new" / "data"
+    with datadir.lock(data) as path:
+        assert path == data and stat.S_IMODE(data.stat().st_mode) == 0o700
+        with datadir.lock(data):  # the CLI holds it around the node; the node may take it again
+            pass
+        holder = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(data)], capture_output=True, text=True, timeout=30)
+        assert holder.returncode == 3 and holder.stdout.strip() == f"in use by {os.getpid()}"
+    holder = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(data)], capture_output=True, text=True, timeout=30)
+    assert holder.returncode == 0 and holder.stdout.strip() == "locked"
+
+
+HOLD_LOCK = """
+import sys
+from p2pnode import datadir
+try:
+    with datadir.lock(sys.argv[1]):
+        print("locked")
+except datadir.DataDirInUse as exc:
+    print(f"in use by {exc.pid}")
+    sys.exit(3)
+"""
+
+
+def _as_unprivileged(args: list[str]) -> list[str]:
+    """Root may write anywhere: drop to nobody so that permissions apply."""
+    if os.geteuid() != 0:
+        return args
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot test permissions")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args]
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "is_a_file", "not_writable"])
+@pytest.mark.parametrize("command", ["run", "init"])
+def test_impossible_data_dir_exits_2_with_one_line(tmp_path, case, command):
+    (tmp_path / "file").write_text("x")
+    args = P2PNODE + [command, "--data-dir"]
+    if case == "under_a_file":
+        data, expected = tmp_path / "file" / "data", f"data dir {tmp_path}/file/data cannot be created: {tmp_path}/file is a file"
+    elif case == "is_a_file":
+        data, expected = tmp_path / "file", f"data dir {tmp_path}/file exists and is not a directory"
+    else:
+        closed = tmp_path / "closed"
+        closed.mkdir(mode=0o500)
+        data, expected = closed / "data", f"data dir {closed}/data cannot be created: permission denied"
+        args = _as_unprivileged(args)
+    result = subprocess.run(args + [str(data)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("p2pnode: " + expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr

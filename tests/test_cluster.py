@@ -38,9 +38,8 @@ async def test_five_nodes_bootstrap_through_dns_and_survive_losing_three(tmp_pat
             for n in nodes[2:]:
                 await n.stop()
             await wait_for(lambda: all(n.node.health.state == "degraded" for n in nodes[:2]), timeout=20, what="degraded")
-            await nodes[0].node.store.flush()
-            rows = await nodes[0].node.store.fetchall("SELECT from_state, to_state FROM state_transitions ORDER BY id")
-            assert rows[-2:] == [("unconfigured", "healthy"), ("healthy", "degraded")]
+            await nodes[0].node.db.flush()
+            assert await nodes[0].node.health.history.last(2) == [("unconfigured", "healthy"), ("healthy", "degraded")]
 
             # restart them on the same data dirs: keys and the stored snapshot come back → healthy
             for n in nodes[2:]:

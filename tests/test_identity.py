@@ -113,3 +113,27 @@ def test_corrupt_key_file_is_a_clear_error(tmp_path):
     path.chmod(0o600)
     with pytest.raises(KeyFileError, match="not a valid Ed25519 key"):
         load_key(path)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("12D3KooWbogus", "invalid peer ID '12D3KooWbogus': a 12D3KooW… peer ID has 52 characters, this one has 13; "
+                          "check that it was copied whole"),
+        ("12D3KooWGzh3Wv5aKu1EhUvkuBiTo7QbDr3D7HR2Ki7TbeMmsG3E1", "this one has 53"),
+        ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5", "a Qm… peer ID has 46 characters, this one has 45"),
+        ("1111", "invalid peer ID '1111': truncated or corrupted"),
+    ],
+)
+def test_malformed_peer_id_is_a_plain_error(text, message):
+    with pytest.raises(DecodeError) as info:
+        PeerId.from_string(text)
+    assert message in str(info.value)
+    assert "multihash length" not in str(info.value)
+
+
+def test_malformed_peer_id_in_a_multiaddr_is_a_plain_error():
+    from p2pnode.multiaddr import Multiaddr
+
+    with pytest.raises(DecodeError, match=r"^multiaddr /p2p: invalid peer ID '12D3KooWbogus': a 12D3KooW… peer ID has 52 characters"):
+        Multiaddr.parse("/ip4/127.0.0.1/tcp/4100/p2p/12D3KooWbogus")

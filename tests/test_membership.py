@@ -9,10 +9,10 @@ from clusterkit import HOUR, ClusterKit, ClusterNode, wait_for
 from p2pnode import codec, timefmt
 from p2pnode.cluster.heartbeat import PROTOCOL as HEARTBEAT
 from p2pnode.cluster.heartbeat import Heartbeat
-from p2pnode.cluster.membership import push
 from p2pnode.envelope import Envelope
 from p2pnode.host import open_host
 from p2pnode.identity import KeyPair
+from p2pnode.platform.bus import push
 from p2pnode.streamio import send_message
 
 
@@ -37,7 +37,7 @@ async def test_push_from_outside_reaches_both_and_refusals_stay_put(pair, caplog
         conn = await admin.connect(a.full_addr)
 
         async def offer(env):
-            return await push(admin, conn, {"snapshot": env.to_dict()})
+            return await push(admin, conn, env)
 
         # every refusal is answered with a reason and forwarded nowhere
         payload = codec.decode(kit.snapshot([a.member()]).payload)
@@ -70,14 +70,14 @@ async def test_revocation_spreads_persists_and_blocks_the_admin(pair, nursery):
     kit, a, b = pair
     async with open_host(KeyPair.generate()) as admin:
         conn = await admin.connect(a.full_addr)
-        verdict = await push(admin, conn, {"revocation": kit.revocation([kit.admin]).to_dict()})
+        verdict = await push(admin, conn, kit.revocation([kit.admin]))
         assert verdict.result == "accepted"
         await wait_for(lambda: b.node.membership.revocations, what="revocation forwarded")
-        refused = await push(admin, conn, {"snapshot": kit.snapshot([a.member(), b.member()]).to_dict()})
+        refused = await push(admin, conn, kit.snapshot([a.member(), b.member()]))
         assert (refused.result, refused.code) == ("rejected", "revoked_admin")
         # a new admin with a fresh proof still works ("rotate")
         new_admin = KeyPair.generate()
-        ok = await push(admin, conn, {"snapshot": kit.snapshot([a.member(), b.member()], admin=new_admin).to_dict()})
+        ok = await push(admin, conn, kit.snapshot([a.member(), b.member()], admin=new_admin))
         assert ok.result == "accepted"
         await wait_for(lambda: b.node.membership.current.issuer_peer_id == new_admin.peer_id, what="b has the new snapshot")
     # after a restart the revocation and the newest snapshot are still in force
@@ -147,10 +147,10 @@ async def test_non_members_are_ignored_quietly(pair, caplog):
 async def test_heartbeat_seq_grows_across_restart(pair, nursery):
     kit, a, b = pair
     await wait_for(lambda: a.node.heartbeat.sent > 0, what="a sent")
-    last = a.node.heartbeat._seq
+    last = a.node.heartbeat.core.seq
     await a.stop()
     await a.start(nursery)
-    assert a.node.heartbeat._seq >= last  # restored from the store
+    assert a.node.heartbeat.core.seq >= last  # restored from the store
     assert a.node.heartbeat.next_seq() > last
 
 
@@ -166,12 +166,63 @@ async def test_forwarded_to_limits_the_flood_but_not_the_reach(tmp_path, nursery
     async with open_host(KeyPair.generate()) as admin:
         # B is told A and C are already being sent this one: B forwards to nobody
         covered = kit.snapshot([a.member(), b.member(), c.member(["x"])])
-        message = {"snapshot": covered.to_dict(), "forwarded_to": [str(a.peer_id), str(b.peer_id), str(c.peer_id)]}
-        assert (await push(admin, await admin.connect(b.full_addr), message)).result == "accepted"
+        covering = [str(a.peer_id), str(b.peer_id), str(c.peer_id)]
+        assert (await push(admin, await admin.connect(b.full_addr), covered, forwarded_to=covering)).result == "accepted"
         await trio.sleep(0.5)
         assert c.node.membership.current.member(c.peer_id).labels == ()
         assert a.node.membership.current.member(c.peer_id).labels == ()
         # a plain push to B reaches A and C through B
         plain = kit.snapshot([a.member(), b.member(), c.member(["y"])])
-        assert (await push(admin, await admin.connect(b.full_addr), {"snapshot": plain.to_dict()})).result == "accepted"
+        assert (await push(admin, await admin.connect(b.full_addr), plain)).result == "accepted"
         await wait_for(lambda: all(n.node.membership.current.member(c.peer_id).labels == ("y",) for n in (a, b, c)), what="reach")
+
+
+@pytest.fixture
+async def trio_of_nodes(tmp_path, nursery):
+    """Three healthy member nodes A, B, C and their kit."""
+    kit = ClusterKit()
+    a, b, c = (ClusterNode(kit, tmp_path, n) for n in "abc")
+    for n in (a, b, c):
+        await n.start(nursery)
+    await a.node.membership.offer(kit.snapshot([a.member(), b.member(), c.member()]))
+    await wait_for(lambda: all(n.node.health.state == "healthy" for n in (a, b, c)), what="healthy")
+    return kit, a, b, c
+
+
+async def test_a_node_removed_by_a_snapshot_learns_it_and_becomes_unconfigured(trio_of_nodes):
+    kit, a, b, c = trio_of_nodes
+    # C is dropped: the push reaches C too (a previous member), so C knows it is out
+    assert (await b.node.membership.offer(kit.snapshot([a.member(), b.member()]))).result == "accepted"
+    await wait_for(lambda: c.node.health.state == "unconfigured", what="C unconfigured")
+    assert c.node.membership.current.member(c.peer_id) is None
+    assert {n.node.health.state for n in (a, b)} == {"healthy"}
+
+
+async def test_equal_issued_at_converges_on_the_lower_digest_everywhere(trio_of_nodes):
+    kit, a, b, c = trio_of_nodes
+    at = timefmt.now_ns()
+    x = kit.snapshot([a.member(["x"]), b.member(), c.member()], issued_at=at)
+    y = kit.snapshot([a.member(["y"]), b.member(), c.member()], issued_at=at)
+    winner, loser = sorted([x, y], key=lambda e: e.digest())
+    # the loser first at one node, the winner at another, at the same moment
+    async with trio.open_nursery() as n:
+        n.start_soon(a.node.membership.offer, loser)
+        n.start_soon(c.node.membership.offer, winner)
+    await wait_for(lambda: all(n.node.membership.current_envelope == winner for n in (a, b, c)), what="converged")
+    assert (await b.node.membership.offer(loser)).code == "not_newer"
+
+
+async def test_a_pull_larger_than_one_reply_arrives_in_rounds(tmp_path, nursery, monkeypatch):
+    from p2pnode.platform import bus, rpc
+
+    monkeypatch.setattr(bus, "PULL_LIMITS", rpc.Limits(max_request=4 << 20, max_reply=(64 << 10) + 2000, timeout=10))
+    kit = ClusterKit()
+    a, b = ClusterNode(kit, tmp_path, "a"), ClusterNode(kit, tmp_path, "b")
+    await a.start(nursery)
+    revoked = [KeyPair.generate() for _ in range(40)]
+    for key in revoked:
+        rev = kit.revocation([key])
+        assert (await a.node.membership.offer(rev)).result == "accepted"
+    b.set_bootstrap([("multiaddr", str(a.full_addr))])
+    await b.start(nursery)
+    await wait_for(lambda: len(b.node.membership.revocations) == 40, what="all 40 revocations pulled")

@@ -17,6 +17,7 @@ from netns import Lab, NamespaceUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 5
+PORT = 4200  # not the default 4100: what install.sh prints and publishes must follow --listen
 pytestmark = pytest.mark.multihost
 
 
@@ -57,20 +58,32 @@ def test_five_hosts(lab, tmp_path):
     nodes = {i: {"prefix": tmp_path / f"host{i}", "data": tmp_path / f"host{i}" / "data"} for i in range(1, N + 1)}
     admin_dir = tmp_path / "admin"
     common = ["--no-systemd", "--heartbeat", "1", "--bootstrap", "cluster.test", "--dns-server", f"{lab.hub_ip}:53",
-              "--listen", "/ip4/0.0.0.0/tcp/4100", "--listen", "/ip4/0.0.0.0/tcp/4100/ws"]
+              "--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--listen", f"/ip4/0.0.0.0/tcp/{PORT}/ws"]
 
     # host 1 starts the cluster; hosts 2-5 join it (one after another: pip builds in the checkout)
     first = install(["--prefix", str(nodes[1]["prefix"]), "--new-system", "--cluster", "mh", "--domain", "cluster.test",
                      "--admin-dir", str(admin_dir), *common])
     assert first.returncode == 0, first.stderr
     assert "_dnsaddr.cluster.test." in first.stdout and "p2pnode-admin://" in first.stdout
+    peer1 = json.loads((nodes[1]["prefix"] / "install.json").read_text())["peer_id"]
+    for addr in (f"/ip4/<public-ip>/tcp/{PORT}/p2p/{peer1}", f"/ip4/<public-ip>/tcp/{PORT}/ws/p2p/{peer1}"):
+        assert f'_dnsaddr.cluster.test. 300 IN TXT "dnsaddr={addr}"' in first.stdout.splitlines()
+    assert "/tcp/4100" not in first.stdout
+    # without systemd it says that the node must be started and the snapshot published by hand, and how
+    manual = first.stdout.split("Without systemd nothing starts the node or publishes the first snapshot: do both by hand.\n")[1]
+    manual = [line.strip() for line in manual.splitlines()]
+    assert manual[manual.index("Start it:") + 1].split() == [str(nodes[1]["prefix"] / "venv/bin/p2pnode"), "run", "--data-dir",
+                                                             str(nodes[1]["data"])]
+    publish_first = manual[manual.index("Then, from another shell, publish the first snapshot (this node becomes healthy):") + 1].split()
+    assert publish_first == [str(nodes[1]["prefix"] / "venv/bin/p2pnode-admin"), "publish", str(admin_dir / "first.snapshot"),
+                             "--to", f"/ip4/127.0.0.1/tcp/{PORT}/p2p/{peer1}"]
     system_pubkey = json.loads((admin_dir / "system.json").read_text())["system_pubkey"]
     for i in range(2, N + 1):
         joined = install(["--prefix", str(nodes[i]["prefix"]), "--join", "--cluster", "mh", "--system-pubkey", system_pubkey, *common])
         assert joined.returncode == 0, joined.stderr
     for i, n in nodes.items():
         n["peer_id"] = json.loads((n["prefix"] / "install.json").read_text())["peer_id"]
-        n["addr"] = f"/ip4/{lab.ip(i)}/tcp/4100/p2p/{n['peer_id']}"
+        n["addr"] = f"/ip4/{lab.ip(i)}/tcp/{PORT}/p2p/{n['peer_id']}"
     # re-running is safe: the key stays
     again = install(["--prefix", str(nodes[2]["prefix"]), "--join", "--cluster", "mh", "--system-pubkey", system_pubkey, *common])
     assert again.returncode == 0 and json.loads((nodes[2]["prefix"] / "install.json").read_text())["peer_id"] == nodes[2]["peer_id"]
@@ -83,9 +96,14 @@ def test_five_hosts(lab, tmp_path):
             n["proc"] = lab.spawn(lab.hosts[i - 1], [str(n["prefix"] / "venv/bin/p2pnode"), "run", "--data-dir", str(n["data"])],
                                   tmp_path / f"host{i}.log")
         wait_states(nodes, {i: "unconfigured" for i in nodes}, 30, "all nodes up")
+        # the first snapshot, published exactly as install.sh said, on host 1: host 1 alone is a member
+        published = subprocess.run(lab.exec_args(lab.hosts[0], *publish_first, "--json"), capture_output=True, text=True)
+        assert published.returncode == 0, published.stdout + published.stderr
+        assert json.loads(published.stdout)["holding"] == 1
+        wait_states(nodes, {1: "healthy"}, 15, "host 1 healthy on its first snapshot")
 
         snap = tmp_path / "all.snap"
-        adds = sum((["--add", f"{n['peer_id']};name=host{i};addrs=/ip4/{lab.ip(i)}/tcp/4100"] for i, n in nodes.items()), [])
+        adds = sum((["--add", f"{n['peer_id']};name=host{i};addrs=/ip4/{lab.ip(i)}/tcp/{PORT}"] for i, n in nodes.items()), [])
         subprocess.run(admin + ["snapshot", "--admin-key", str(admin_dir / "admin.key"), "--proof", str(admin_dir / "admin.proof"),
                                 "--state-dir", str(admin_dir / "state"), *adds, "--out", str(snap)], check=True, capture_output=True)
         published = subprocess.run(lab.exec_args(lab.hub, *admin, "publish", str(snap), "--to", "cluster.test", "--dns-server",
@@ -158,6 +176,15 @@ def test_install_sh_help_and_bad_flags():
     assert bad.returncode == 2 and "--join needs --system-pubkey" in bad.stderr
     bad = install(["--frobnicate"])
     assert bad.returncode == 2 and "unknown option --frobnicate" in bad.stderr
+
+
+def test_uninstall_refuses_where_nothing_is_installed(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = install(["--uninstall", "--prefix", str(tmp_path), "--no-systemd", "--purge"])
+    assert result.returncode == 2
+    assert result.stderr == (f"install.sh: nothing is installed at {tmp_path} (no install.json, no venv); "
+                             "give the --prefix you installed with\n")
+    assert (tmp_path / "data").exists()  # nothing was touched, --purge or not
 
 
 def test_install_standalone_uninstall_keeps_data(tmp_path):

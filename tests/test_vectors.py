@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode import codec, framing, timefmt
-from p2pnode.cluster.documents import Trust, verify_admin_proof, verify_revocation, verify_snapshot
+from p2pnode.cluster.documents import Rejected, Trust, verify_admin_proof, verify_revocation, verify_snapshot
 from p2pnode.cluster.heartbeat import Heartbeat
 from p2pnode.envelope import Envelope, signing_bytes
 from p2pnode.identity import KeyPair
@@ -42,6 +42,19 @@ def test_documents_verify_from_the_bytes_alone():
     assert status.verify()["state"] == "degraded" and status.signer_id == keys["node_b"].peer_id
 
 
+def test_vector_snapshot_once_its_proof_has_expired():
+    """The proof runs to clock + 24 h: a node receiving the snapshot later refuses it, whatever
+    the snapshot's own date; the node that stored it while the proof was valid keeps it."""
+    system = KeyPair.from_seed(bytes.fromhex(V["seeds"]["system"]))
+    trust = Trust("demo", system.public_key)
+    env = Envelope.from_bytes(bytes.fromhex(V["snapshot"]))
+    later = timefmt.parse_ns(V["clock"]) + 25 * 3600 * timefmt.NS
+    with pytest.raises(Rejected) as info:
+        verify_snapshot(env, trust, later)
+    assert info.value.code == "proof_expired"
+    assert verify_snapshot(env, trust, later, stored=True).issued_at == "2026-11-23T12:00:00.000000001Z"
+
+
 def test_signature_input_layout():
     env = Envelope.from_bytes(bytes.fromhex(V["heartbeat"]))
     data = signing_bytes("heartbeat", env.payload)
@@ -49,7 +62,8 @@ def test_signature_input_layout():
     assert data.endswith(env.payload)
 
 
-@pytest.mark.parametrize("name", ["push_request_frame", "push_verdict_frame", "pull_request_frame", "status_request_frame"])
+@pytest.mark.parametrize("name", ["push_request_frame", "push_verdict_frame", "pull_request_frame", "pull_reply_frame",
+                                  "status_request_frame"])
 def test_frames_decode(name):
     (message,) = framing.LengthPrefixedDecoder(4 << 20).feed(bytes.fromhex(V[name]))
     assert isinstance(codec.decode(message), dict)

@@ -3,7 +3,8 @@
 Targets are recomputed on membership changes, disconnects and every second. A target that is
 not connected is dialed; a failed dial waits an exponential backoff (0.5 s doubling, with
 jitter, capped at 30 s) before the next try, and a success resets it. Addresses come from the
-snapshot, identify, and what this node has persisted from earlier runs.
+snapshot, identify, and what this node has persisted from earlier runs. Only members' and
+bootstrap peers' addresses are persisted (`PeerAddressStore`), so strangers cannot grow the table.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sqlite3
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import trio
@@ -20,6 +24,9 @@ from ..errors import DecodeError, P2PNodeError
 from ..identity import PeerId
 from ..logfmt import fmt
 from ..multiaddr import Multiaddr
+from ..platform.db import Database
+from ..platform.service import Service, ServiceContext
+from .membership import MembershipService
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -33,7 +40,7 @@ log = logging.getLogger("p2pnode.connectivity")
 
 def backoff_delay(attempts: int, rng: random.Random) -> float:
     """Delay before retry number `attempts` (1-based): exponential, jittered to 50–100 %, ≤ 30 s."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempts - 1, 16)) * rng.uniform(0.5, 1.0)
+    return float(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempts - 1, 16)) * rng.uniform(0.5, 1.0))
 
 
 @attrs.define
@@ -42,47 +49,87 @@ class _Backoff:
     next_at: float = 0.0
 
 
-class Connectivity:
-    def __init__(self, host, store, membership, resolver: bootstrap.Resolver, init_connections, rng: random.Random | None = None):
-        self.host = host
-        self.store = store
+class PeerAddressStore:
+    """The `peers` table: addresses of members and bootstrap peers, reused after a restart."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def load(self) -> list[tuple[PeerId, list[Multiaddr]]]:
+        out = []
+        for peer, addrs in await self.db.fetchall("SELECT peer_id, addrs FROM peers"):
+            try:
+                out.append((PeerId.from_string(peer), [Multiaddr.parse(a) for a in json.loads(addrs)]))
+            except (DecodeError, ValueError, TypeError):
+                continue
+        return out
+
+    def save(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        self.db.queue(
+            "INSERT INTO peers (peer_id, addrs, last_connected) VALUES (?,?,?) ON CONFLICT(peer_id) DO UPDATE SET "
+            "addrs=excluded.addrs, last_connected=excluded.last_connected",
+            (str(peer), json.dumps([str(a) for a in addrs][:16]), timefmt.now()),
+        )
+
+    def keep_only(self, peers: frozenset[PeerId]) -> None:
+        keep = [str(p) for p in peers]
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep_peers (peer_id TEXT PRIMARY KEY)")
+            conn.execute("DELETE FROM keep_peers")
+            conn.executemany("INSERT OR IGNORE INTO keep_peers VALUES (?)", [(k,) for k in keep])
+            conn.execute("DELETE FROM peers WHERE peer_id NOT IN (SELECT peer_id FROM keep_peers)")
+
+        self.db.queue_fn(prune)
+
+
+class ConnectivityService(Service):
+    name = "connectivity"
+
+    def __init__(self, ctx: ServiceContext, membership: MembershipService, resolver: bootstrap.Resolver,
+                 rng: random.Random | None = None):
+        self.ctx = ctx
+        self.host = ctx.host
+        self.store = PeerAddressStore(ctx.db)
         self.membership = membership
         self.resolver = resolver
-        self.init_connections = init_connections
+        self.init_connections = ctx.config.init_connections
         self.rng = rng or random.Random()
         self.bootstrap: dict[PeerId | None, list[Multiaddr]] = {}
         self._backoff: dict[object, _Backoff] = {}
         self._dialing: set[object] = set()
         self._wakeup = trio.Event()
         self._dial_limit = trio.CapacityLimiter(MAX_PARALLEL_DIALS)
-        host.on_disconnected(lambda conn: self.wake())
-        host.on_connected(self._remember)
-        membership.on_change(lambda snap: self.wake())
+        self.host.on_disconnected(lambda conn: self.wake())
+        self.host.on_connected(self._remember)
+        ctx.roster.on_change(self._on_membership)
 
     def wake(self) -> None:
         self._wakeup.set()
 
     async def load(self) -> None:
-        for peer, addrs in await self.store.fetchall("SELECT peer_id, addrs FROM peers"):
-            try:
-                self.host.peerstore.add_addrs(PeerId.from_string(peer), [Multiaddr.parse(a) for a in json.loads(addrs)])
-            except (DecodeError, ValueError, TypeError):
-                continue
+        for peer, addrs in await self.store.load():
+            self.host.peerstore.add_addrs(peer, addrs)
 
-    def _remember(self, conn) -> None:
+    def _known(self) -> frozenset[PeerId]:
+        return self.ctx.roster.members | {p for p in self.bootstrap if p is not None}
+
+    def _remember(self, conn: Any) -> None:
+        self._backoff.pop(conn.peer_id, None)
+        if conn.peer_id not in self._known():
+            return  # strangers' addresses are never persisted
         addrs = self.host.peerstore.addrs(conn.peer_id)
         if conn.direction == "outbound":
             addrs = [conn.remote_addr] + [a for a in addrs if a != conn.remote_addr]
-        self.store.queue(
-            "INSERT INTO peers (peer_id, addrs, last_connected) VALUES (?,?,?) ON CONFLICT(peer_id) DO UPDATE SET "
-            "addrs=excluded.addrs, last_connected=excluded.last_connected",
-            (str(conn.peer_id), json.dumps([str(a) for a in addrs][:16]), timefmt.now()),
-        )
-        self._backoff.pop(conn.peer_id, None)
+        self.store.save(conn.peer_id, addrs)
+
+    def _on_membership(self) -> None:
+        if self.ctx.roster.members:
+            self.store.keep_only(self._known())
+        self.wake()
 
     def has_members(self) -> bool:
-        snap = self.membership.current
-        return snap is not None and any(m.peer_id != self.host.peer_id for m in snap.members)
+        return bool(self.ctx.roster.others())
 
     def targets(self) -> dict[object, tuple[PeerId | None, list[Multiaddr]]]:
         out: dict[object, tuple[PeerId | None, list[Multiaddr]]] = {}
@@ -100,7 +147,7 @@ class Connectivity:
                     out.setdefault(pid, (pid, addrs))
         return out
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._bootstrap_loop)
             task_status.started()
@@ -129,7 +176,7 @@ class Connectivity:
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
 
-    async def _dial(self, key, pid: PeerId | None, addrs: list[Multiaddr]) -> None:
+    async def _dial(self, key: object, pid: PeerId | None, addrs: list[Multiaddr]) -> None:
         try:
             async with self._dial_limit:
                 if pid is not None:
@@ -160,3 +207,8 @@ class Connectivity:
                         self.host.peerstore.add_addrs(pid, addrs)
                 self.wake()
             await trio.sleep(REBOOTSTRAP_INTERVAL if self.bootstrap else 5.0)
+
+    def member_status(self, peer_id: PeerId) -> Mapping[str, Any]:
+        conn = self.host.connection_to(peer_id) if peer_id != self.ctx.peer_id else None
+        rtt = conn.muxer.last_rtt if conn is not None else None
+        return {"rtt_ms": round(rtt * 1000, 3) if rtt is not None else None}

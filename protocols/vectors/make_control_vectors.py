@@ -34,7 +34,9 @@ def build() -> dict:
     revocation = Revocation("demo", T0 + 1, (k["admin"].peer_id,), "key lost").sign(k["system"])
     heartbeat = Heartbeat(k["node_a"].peer_id, "demo", "healthy", timefmt.format_ns(T0), T0 + 5, T0 + 5).sign(k["node_a"])
     status = Envelope.seal("status", {"peer_id": str(k["node_b"].peer_id), "state": "degraded", "member_count": 2, "online_count": 1}, k["node_b"])
-    push_request = codec.encode({"snapshot": snapshot.to_dict()})
+    push_request = codec.encode({"doc": snapshot.to_dict(), "forwarded_to": [str(k["node_a"].peer_id)]})
+    pull_request = {"summaries": {"membership-snapshot": "", "revocation": ""},
+                    "have": {"membership-snapshot": [], "revocation": []}}
     return {
         "description": "p2pnode control-plane vectors: hex of canonical CBOR; *_frame values include the uvarint length prefix",
         "seeds": SEEDS,
@@ -47,7 +49,8 @@ def build() -> dict:
         "status": status.to_bytes().hex(),
         "push_request_frame": framing.encode(push_request).hex(),
         "push_verdict_frame": framing.encode(codec.encode({"result": "accepted", "code": "", "reason": ""})).hex(),
-        "pull_request_frame": framing.encode(codec.encode({"have": "", "revocations": []})).hex(),
+        "pull_request_frame": framing.encode(codec.encode(pull_request)).hex(),
+        "pull_reply_frame": framing.encode(codec.encode({"docs": [revocation.to_dict()], "need_have": [], "more": False})).hex(),
         "status_request_frame": framing.encode(codec.encode({"members": True})).hex(),
     }
 

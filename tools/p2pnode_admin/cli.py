@@ -1,35 +1,49 @@
-"""`p2pnode-admin`: the operator's tool for a p2pnode cluster. Run `p2pnode-admin --help`."""
+"""`p2pnode-admin`: the operator's tool for a p2pnode cluster. Run `p2pnode-admin --help`.
+
+`run(argv)` is the whole command as a coroutine (tests await it in their own trio loop, with
+their own output streams); `main()` runs it under `trio.run` for the console script. Commands
+that touch the network are `async`; the others run on a worker thread, since loading an
+encrypted key costs an Argon2id derivation. The network calls stay in `_fetch_current`,
+`cmd_publish`, `_push_each` and `_ask_each`, on the membership and status client functions
+(to be swapped for the document bus's client).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
-from p2pnode import bootstrap, codec, timefmt
+from p2pnode import bootstrap, timefmt
 from p2pnode.cluster.documents import (
     AdminProof, Member, Rejected, Revocation, Snapshot, Trust,
     verify_admin_proof, verify_revocation, verify_snapshot,
 )
-from p2pnode.cluster.membership import MAX_MESSAGE, PULL, push
 from p2pnode.cluster.status import fetch_status
 from p2pnode.envelope import Envelope, SignatureInvalid
 from p2pnode.errors import DecodeError, DialError, P2PNodeError
 from p2pnode.fsutil import atomic_write
-from p2pnode.host import open_client
+from p2pnode.host import Connection, Host, open_client
 from p2pnode.identity import KeyFileError, KeyPair, PeerId, PublicKey
 from p2pnode.multiaddr import Multiaddr
-from p2pnode.streamio import MessageReader, send_message
+from p2pnode.platform import bus
+from p2pnode.platform.bus import Verdict
 
 from . import bundle, keyfile
 
 DAY_NS = 86400 * timefmt.NS
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+BASE_TIMEOUT = 30.0  # fetching --base from a node
+MEMBER_TIMEOUT = 5.0  # one push or status question to one member
 
 
 class AdminError(P2PNodeError):
@@ -38,7 +52,12 @@ class AdminError(P2PNodeError):
 
 # -- helpers -------------------------------------------------------------------------------------
 def emit(args, data: dict, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
+    print(json.dumps(data, indent=2) if args.json else text, file=args.stdout)
+
+
+def progress(args, line: str) -> None:
+    if not args.json:
+        print(line, file=args.stderr, flush=True)
 
 
 def write_new_key(path: Path, key: KeyPair, args, what: str) -> None:
@@ -82,7 +101,7 @@ def parse_member(spec: str) -> Member:
     parts = [p.strip() for p in spec.split(";") if p.strip()]
     if not parts:
         raise AdminError("--add needs a peer ID")
-    fields = {"peer_id": parts[0].removeprefix("peer=")}
+    fields: dict[str, str | list[str]] = {"peer_id": parts[0].removeprefix("peer=")}
     for part in parts[1:]:
         key, sep, value = part.partition("=")
         if not sep or key not in ("name", "addrs", "labels"):
@@ -185,27 +204,62 @@ def cmd_new_node(args) -> int:
     return 0
 
 
-async def _fetch_current(target: str, dns_server) -> Envelope | None:
+async def _fetch_current(target: str, dns_server: list[str]) -> tuple[Envelope | None, list[Envelope]]:
+    """The current snapshot of a node (multiaddr or domain), and the revocations it knows."""
     async with open_client() as host:
-        conn = await connect_target(host, target, dns_server)
-        stream = await host.new_stream(conn, PULL)
-        await send_message(stream, codec.encode({"have": "", "revocations": []}), MAX_MESSAGE)
-        reply = codec.decode_map(await MessageReader(stream, MAX_MESSAGE).one(), "pull reply")
-        await stream.aclose()
-    return Envelope.from_dict(reply["snapshot"], "membership-snapshot") if reply.get("snapshot") else None
+        with trio.fail_after(BASE_TIMEOUT):
+            conn = await connect_target(host, target, dns_server)
+            docs = await bus.pull(host, conn, ["membership-snapshot", "revocation"])
+    snapshots = [d for d in docs if d.type == "membership-snapshot"]
+    revocations = [d for d in docs if d.type == "revocation"]  # judged like the node judges them: see refuse_if_revoked
+    return (snapshots[0] if snapshots else None), revocations
 
 
-def cmd_snapshot(args) -> int:
+def _load_signer(args: argparse.Namespace) -> tuple[KeyPair, Envelope, AdminProof]:
     admin = keyfile.load(Path(args.admin_key), args.passphrase_env)
     proof_env = read_envelope(args.proof, "admin-proof")
     proof = AdminProof.from_dict(proof_env.verify())
     if proof.admin_peer_id != admin.peer_id:
         raise AdminError(f"{args.proof} is a proof for {proof.admin_peer_id}, not for this admin key ({admin.peer_id})")
+    return admin, proof_env, proof
+
+
+def refuse_if_revoked(admin: PeerId, proof_env: Envelope, proof: AdminProof, from_base: list[Envelope], files: list[str]) -> None:
+    """Refuse to sign when a revocation we know of names this admin. A revocation counts when the
+    key that signed our proof (the system key) signed it for our cluster, as nodes check it.
+    Revocations from the base node that do not verify are skipped (the node checked them already,
+    against its own config); a --revocation file that does not verify is an error."""
+    trust = Trust(proof.cluster_id, proof_env.signer)
+    now = timefmt.now_ns()
+    known: list[Revocation] = []
+    for env in from_base:
+        with contextlib.suppress(DecodeError):
+            known.append(verify_revocation(env, trust, now))
+    for path in files:
+        try:
+            known.append(verify_revocation(read_envelope(path, "revocation"), trust, now))
+        except DecodeError as exc:
+            raise AdminError(f"--revocation {path}: not a revocation of cluster {proof.cluster_id}'s system key: {exc}") from None
+    for rev in known:
+        if admin in rev.admins:
+            reason = f" (reason: {rev.reason})" if rev.reason else ""
+            raise AdminError(f"refusing to sign: admin {admin} was revoked by the system key at "
+                             f"{timefmt.format_ns(rev.issued_at_ns)}{reason}; nodes would refuse the snapshot. "
+                             "Use another admin's key (p2pnode-admin new-admin)")
+
+
+async def cmd_snapshot(args: argparse.Namespace) -> int:
+    admin, proof_env, proof = await trio.to_thread.run_sync(_load_signer, args)
     base: Snapshot | None = None
+    base_revocations: list[Envelope] = []
     if args.base:
-        env = trio.run(_fetch_current, args.base, args.dns_server) if not Path(args.base).exists() else read_envelope(args.base)
+        if await trio.Path(args.base).exists():
+            env: Envelope | None = read_envelope(args.base)
+        else:
+            env, base_revocations = await _fetch_current(args.base, args.dns_server)
         if env is not None:
             base = Snapshot.from_dict(env.verify())
+    refuse_if_revoked(admin.peer_id, proof_env, proof, base_revocations, args.revocation or [])
     members: dict[PeerId, Member] = {m.peer_id: m for m in (base.members if base else ())}
     if args.members:
         members = {m.peer_id: m for m in load_members_file(args.members)}
@@ -260,7 +314,7 @@ def cmd_revoke(args) -> int:
     return 0
 
 
-async def _publish(args) -> int:
+async def cmd_publish(args: argparse.Namespace) -> int:
     env = read_envelope(args.file)
     if env.type not in ("membership-snapshot", "revocation"):
         raise AdminError(f"{args.file} is a {env.type}; only snapshots and revocations are published")
@@ -277,7 +331,7 @@ async def _publish(args) -> int:
     async with open_client() as host:
         with trio.fail_after(args.timeout):
             conn = await connect_target(host, args.to, args.dns_server)
-            verdict = await push(host, conn, {key: env.to_dict()})
+            verdict = await bus.push(host, conn, env)
         progress(args, f"{conn.peer_id}: {verdict.result}{' (' + verdict.code + ': ' + verdict.reason + ')' if verdict.code else ''}")
         if verdict.result == "rejected":
             emit(args, {"result": "rejected", "code": verdict.code, "reason": verdict.reason},
@@ -286,50 +340,121 @@ async def _publish(args) -> int:
         if snap is None or args.no_wait:
             emit(args, {"result": verdict.result, "node": str(conn.peer_id)}, f"{verdict.result} by {conn.peer_id}")
             return 0
-        held, missing = await _wait_held(host, conn, snap, args)
-    data = {"result": verdict.result, "issued_at": snap.issued_at, "members": len(snap.members), "holding": len(held),
-            "missing": [str(p) for p in missing]}
-    text = f"{len(held)} of {len(snap.members)} members hold the snapshot issued at {snap.issued_at}"
-    if missing:
-        text += "\nnot confirmed: " + ", ".join(str(p) for p in missing)
+        verdicts: dict[PeerId, Verdict | str] = {conn.peer_id: verdict}
+        if verdict.result == "ignored":
+            # The first node holds this snapshot or a newer one, so it forwards nothing: waiting would
+            # only time out. Offer it to every other member ourselves and report each one's answer now.
+            verdicts.update(await _push_each(host, conn, [m for m in snap.members if m.peer_id != conn.peer_id], env))
+            holds = await _ask_each(host, conn, snap.members)
+        else:
+            holds = await _wait_held(host, conn, snap, args)
+    return _report_members(args, snap, verdict, verdicts, holds)
+
+
+def _report_members(args: argparse.Namespace, snap: Snapshot, first: Verdict, verdicts: dict[PeerId, Verdict | str],
+                    holds: dict[PeerId, str | None]) -> int:
+    """One line per member: its verdict (when we pushed to it) and the snapshot it holds; exit 0
+    when all hold ours."""
+    held = [m.peer_id for m in snap.members if holds.get(m.peer_id) == snap.issued_at]
+    missing = [m.peer_id for m in snap.members if m.peer_id not in held]
+    nodes, lines = [], []
+    for m in snap.members:
+        v = verdicts.get(m.peer_id)
+        holding = holds.get(m.peer_id)
+        entry: dict[str, object] = {"peer_id": str(m.peer_id), "name": m.name, "answered": m.peer_id in holds, "holds": holding}
+        said = ""
+        if isinstance(v, Verdict):
+            entry.update(verdict=v.result, code=v.code, reason=v.reason)
+            said = v.result + (f" ({v.code})" if v.code else "") + ", "
+        elif v is not None:
+            entry.update(verdict="unreachable", reason=v)
+            said = f"unreachable ({v}), "
+        if m.peer_id not in holds:
+            now = "did not say which snapshot it holds"
+        elif holding == snap.issued_at:
+            now = "holds this snapshot"
+        elif holding is None:
+            now = "holds no snapshot"
+        else:
+            newer = (_issued_ns(holding) or 0) > snap.issued_at_ns
+            now = f"holds {'a newer' if newer else 'an older'} snapshot, issued at {holding}"
+        nodes.append(entry)
+        lines.append(f"  {m.name or '-'} {m.peer_id}: {said}{now}")
+    data = {"result": first.result, "issued_at": snap.issued_at, "members": len(snap.members), "holding": len(held),
+            "missing": [str(p) for p in missing], "nodes": nodes}
+    text = "\n".join([f"{len(held)} of {len(snap.members)} members hold the snapshot issued at {snap.issued_at}", *lines])
     emit(args, data, text)
     return 0 if not missing else EXIT_INVALID
 
 
-def progress(args, line: str) -> None:
-    if not args.json:
-        print(line, file=sys.stderr, flush=True)
+def _issued_ns(text: str | None) -> int | None:
+    try:
+        return timefmt.parse_ns(text) if isinstance(text, str) else None
+    except DecodeError:
+        return None
 
 
-async def _wait_held(host, first_conn, snap: Snapshot, args) -> tuple[list[PeerId], list[PeerId]]:
-    """Ask every member (directly) which snapshot it holds, until all hold ours or time runs out."""
-    held: set[PeerId] = set()
-    deadline = trio.current_time() + args.timeout
+async def _member_conn(host: Host, first_conn: Connection, member: Member) -> Connection:
+    if member.peer_id == first_conn.peer_id:
+        return first_conn
+    return await host.connect_peer(member.peer_id, list(member.addrs))
 
-    async def ask(member: Member) -> None:
+
+async def _push_each(host: Host, first_conn: Connection, members: list[Member], env: Envelope) -> dict[PeerId, Verdict | str]:
+    """Push `env` to each member directly, all at once; its verdict, or why it could not be asked."""
+    out: dict[PeerId, Verdict | str] = {}
+
+    async def one(member: Member) -> None:
         try:
-            with trio.move_on_after(5):
-                conn = first_conn if member.peer_id == first_conn.peer_id else await host.connect_peer(member.peer_id, list(member.addrs))
-                view = await fetch_status(host, conn)
-                if view.get("snapshot_issued_at") == snap.issued_at:
-                    held.add(member.peer_id)
-        except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+            with trio.fail_after(MEMBER_TIMEOUT):
+                out[member.peer_id] = await bus.push(host, await _member_conn(host, first_conn, member), env)
+        except trio.TooSlowError:
+            out[member.peer_id] = "timed out"
+        except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            out[member.peer_id] = str(exc) or type(exc).__name__
+
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            nursery.start_soon(one, m)
+    return out
+
+
+async def _ask_each(host: Host, first_conn: Connection, members: Sequence[Member]) -> dict[PeerId, str | None]:
+    """One round of status questions, all at once: which snapshot (issued_at) each member holds,
+    None for none; members that did not answer are absent."""
+    out: dict[PeerId, str | None] = {}
+
+    async def one(member: Member) -> None:
+        with contextlib.suppress(P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError), \
+                trio.move_on_after(MEMBER_TIMEOUT):
+            view = await fetch_status(host, await _member_conn(host, first_conn, member))
+            out[member.peer_id] = view.get("snapshot_issued_at") or None
+
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            nursery.start_soon(one, m)
+    return out
+
+
+async def _wait_held(host: Host, first_conn: Connection, snap: Snapshot, args: argparse.Namespace) -> dict[PeerId, str | None]:
+    """Ask the members which snapshot they hold until each holds ours or a newer one (which it
+    will keep: nodes never go back), or --timeout passes. Asks again soon at first, then every second."""
+    holds: dict[PeerId, str | None] = {}
+    deadline = trio.current_time() + args.timeout
+    pause = 0.1
+
+    def settled(m: Member) -> bool:
+        held = _issued_ns(holds.get(m.peer_id))
+        return held is not None and held >= snap.issued_at_ns
 
     while True:
-        async with trio.open_nursery() as nursery:
-            for m in snap.members:
-                if m.peer_id not in held:
-                    nursery.start_soon(ask, m)
-        progress(args, f"  {len(held)}/{len(snap.members)} members hold it")
-        if len(held) == len(snap.members) or trio.current_time() >= deadline:
-            break
-        await trio.sleep(min(1.0, max(0.0, deadline - trio.current_time())))
-    return [m.peer_id for m in snap.members if m.peer_id in held], [m.peer_id for m in snap.members if m.peer_id not in held]
-
-
-def cmd_publish(args) -> int:
-    return trio.run(_publish, args)
+        holds.update(await _ask_each(host, first_conn, [m for m in snap.members if not settled(m)]))
+        have = sum(1 for m in snap.members if holds.get(m.peer_id) == snap.issued_at)
+        progress(args, f"  {have}/{len(snap.members)} members hold it")
+        if all(settled(m) for m in snap.members) or trio.current_time() >= deadline:
+            return holds
+        await trio.sleep(min(pause, max(0.0, deadline - trio.current_time())))
+        pause = min(1.0, pause * 2)
 
 
 def cmd_bundle_export(args) -> int:
@@ -493,20 +618,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("snapshot", parents=[common, net], help="build and sign a membership snapshot", description=(
         "Build a snapshot from --base (a snapshot file, or a node's multiaddr/domain to fetch the current one), "
         "a --members file (JSON list of {peer_id, name, addrs, labels}), --add and --remove; sign it with the admin "
-        "key. Refuses to sign one not newer than the newest it knows of."))
+        "key. Refuses to sign one not newer than the newest it knows of, and refuses to sign with an admin key "
+        "it knows is revoked: it learns revocations from the node when --base is a node or domain, and from "
+        "--revocation files."))
     p.add_argument("--admin-key", required=True)
     p.add_argument("--proof", required=True, help="admin.proof")
     p.add_argument("--base", help="start from this snapshot file, or from the current one of this node (multiaddr or domain)")
     p.add_argument("--members", help="JSON members file; replaces the base's members")
     p.add_argument("--add", action="append", metavar="SPEC", help="PEER_ID;name=N;addrs=MA,MA;labels=a,b (repeatable)")
     p.add_argument("--remove", action="append", metavar="PEER_ID", help="remove a member (repeatable)")
+    p.add_argument("--revocation", action="append", metavar="FILE",
+                   help="a revocation (from `revoke`); refuse to sign if it names this admin (repeatable)")
     p.add_argument("--state-dir", default=os.path.expanduser("~/.config/p2pnode-admin"), help="where the newest signed snapshot's time is kept")
     p.add_argument("--out", required=True, help="file to write the signed snapshot to")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("publish", parents=[common, net], help="push a snapshot or revocation to a node, then wait for the members", description=(
         "Dial TO (a multiaddr, or a domain whose _dnsaddr records list nodes), push FILE, and for a snapshot ask each "
-        "member which snapshot it holds until all hold this one or --timeout passes. Exit 0 when all do."))
+        "member which snapshot it holds until all hold this one (or a newer one) or --timeout passes. When the "
+        "first node already holds it or a newer one, push to every member directly and report each one's verdict "
+        "at once. Exit 0 when all members hold this snapshot."))
     p.add_argument("file")
     p.add_argument("--to", required=True, metavar="MULTIADDR|DOMAIN")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -550,19 +681,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+async def run(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Parse `argv`, run the command, return its exit code; errors are one line on `stderr`."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
     try:
-        return args.func(args)
+        # argparse writes --help and usage errors to sys.stdout/sys.stderr itself; it does not
+        # await, so no other task of the loop writes while these are redirected
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    args.stdout, args.stderr = out, err
+    try:
+        if inspect.iscoroutinefunction(args.func):
+            return await args.func(args)
+        return await trio.to_thread.run_sync(args.func, args)
     except (AdminError, KeyFileError) as exc:
-        print(f"p2pnode-admin: {exc}", file=sys.stderr)
+        print(f"p2pnode-admin: {exc}", file=err)
         return EXIT_USAGE
     except trio.TooSlowError:
-        print(f"p2pnode-admin: {args.command}: timed out", file=sys.stderr)
+        print(f"p2pnode-admin: {args.command}: timed out", file=err)
         return EXIT_INVALID
     except (DecodeError, P2PNodeError, OSError) as exc:
-        print(f"p2pnode-admin: {args.command}: {exc}", file=sys.stderr)
+        print(f"p2pnode-admin: {args.command}: {exc}", file=err)
         return EXIT_INVALID
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return trio.run(run, argv)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

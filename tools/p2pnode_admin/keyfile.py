@@ -78,9 +78,11 @@ def load(path: Path, env_name: str = DEFAULT_PASSPHRASE_ENV) -> KeyPair:
         raise PassphraseError(f"{path} is encrypted: set ${env_name} or run on a terminal to be asked")
     try:
         f = codec.Fields(codec.decode_map(path.read_bytes()[len(MAGIC):], "encrypted key"), "encrypted key")
-        box_key = KDF.kdf(nacl.secret.SecretBox.KEY_SIZE, secret.encode(), f.blob("salt"),
+        salt, box = f.blob("salt"), f.blob("box")
+        assert salt is not None and box is not None  # not optional: Fields raised if absent
+        box_key = KDF.kdf(nacl.secret.SecretBox.KEY_SIZE, secret.encode(), salt,
                           opslimit=f.integer("opslimit"), memlimit=f.integer("memlimit"))
-        return KeyPair.from_protobuf(nacl.secret.SecretBox(box_key).decrypt(f.blob("box")))
+        return KeyPair.from_protobuf(nacl.secret.SecretBox(box_key).decrypt(box))
     except nacl.exceptions.CryptoError:
         raise PassphraseError(f"wrong passphrase for {path}") from None
     except (DecodeError, ValueError) as exc:

@@ -1,0 +1,196 @@
+"""Content-addressed block exchange (`/p2pnode/blocks/1.0.0`): any block by its SHA-256, from any
+member that holds it.
+
+A node serves every block it holds — in any synced folder, in any stored artifact — to members
+only: services register *providers* (hash → bytes or None). A requester names the hash and gets
+the bytes; it checks them against the hash before use, and a peer that sends a wrong block is
+counted, logged and avoided for a while. `fetch` spreads requests over the candidate peers,
+choosing the one with the fewest requests in flight; `ByteBudget` bounds the bytes a puller has
+in flight (Syncthing uses 32 MiB per folder).
+
+Request `{hash: bstr .size 32}` → reply `{data: bstr}` or `{missing: true}` (or `{error:
+"forbidden"}` to a non-member). Spec: protocols/blocks.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from .. import codec
+from ..errors import P2PNodeError
+from ..identity import PeerId
+from ..logfmt import fmt
+from . import rpc
+from .roster import Roster
+from .service import Service
+
+PROTOCOL = "/p2pnode/blocks/1.0.0"
+MAX_BLOCK = 4 << 20
+LIMITS = rpc.Limits(max_request=256, max_reply=MAX_BLOCK + 256, timeout=30.0)
+AVOID_AFTER = 3  # wrong blocks before a peer is avoided
+AVOID_FOR = 300.0  # seconds
+
+log = logging.getLogger("p2pnode.blocks")
+
+Provider = Callable[[bytes], Awaitable[bytes | None]]
+
+
+class BlockUnavailable(P2PNodeError):
+    """No candidate peer could supply the block (each one's reason is in the message)."""
+
+
+@attrs.define
+class PeerCounters:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    blocks_in: int = 0
+    blocks_out: int = 0
+    hash_failures: int = 0
+    missing: int = 0
+
+
+class ByteBudget:
+    """At most `limit` bytes in flight; a single request larger than the limit still goes alone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._changed = trio.Event()
+
+    async def acquire(self, n: int) -> None:
+        while self.used and self.used + n > self.limit:
+            await self._changed.wait()
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class BlockExchange:
+    def __init__(self, host: Any, roster: Roster, *, allow: Callable[[PeerId], bool] | None = None):
+        self.host = host
+        self.roster = roster
+        self.providers: list[Provider] = []
+        self.peers: dict[PeerId, PeerCounters] = {}
+        self.inflight: Counter[PeerId] = Counter()
+        self._strikes: dict[PeerId, tuple[int, float]] = {}
+        self.blocks_served = 0
+        self.hash_failures = 0
+        is_allowed = allow or roster.is_member
+        rpc.serve(host, PROTOCOL, self._serve, LIMITS, allow=lambda peer, request: is_allowed(peer))
+        roster.on_change(self._prune)
+
+    def _prune(self) -> None:
+        for peer in [p for p in self.peers if not self.roster.is_member(p)]:
+            del self.peers[peer]
+        for peer in [p for p in self._strikes if not self.roster.is_member(p)]:
+            del self._strikes[peer]
+
+    def add_provider(self, provider: Provider) -> None:
+        self.providers.append(provider)
+
+    def counters(self, peer: PeerId) -> PeerCounters:
+        counters = self.peers.get(peer)
+        if counters is None:
+            counters = self.peers[peer] = PeerCounters()
+        return counters
+
+    async def read_local(self, digest: bytes) -> bytes | None:
+        """The block from this node's own providers, verified (a file may have changed since it was indexed)."""
+        for provider in self.providers:
+            data = await provider(digest)
+            if data is not None and hashlib.sha256(data).digest() == digest:
+                return data
+        return None
+
+    async def _serve(self, request: dict[str, Any], conn: Any) -> dict[str, Any]:
+        digest = codec.Fields(request, "block request").blob("hash")
+        if digest is None or len(digest) != 32:
+            return {"missing": True}
+        data = await self.read_local(digest)
+        if data is None:
+            return {"missing": True}
+        c = self.counters(conn.peer_id)
+        c.bytes_out += len(data)
+        c.blocks_out += 1
+        self.blocks_served += 1
+        return {"data": data}
+
+    # -- fetching -------------------------------------------------------------------------------
+    def avoided(self, peer: PeerId) -> bool:
+        strikes = self._strikes.get(peer)
+        return strikes is not None and strikes[0] >= AVOID_AFTER and trio.current_time() < strikes[1]
+
+    def _strike(self, peer: PeerId) -> None:
+        count, _ = self._strikes.get(peer, (0, 0.0))
+        self._strikes[peer] = (count + 1, trio.current_time() + AVOID_FOR)
+        if count + 1 == AVOID_AFTER:
+            log.warning(fmt("peer_avoided", peer=peer, reason="sent wrong blocks", seconds=int(AVOID_FOR)))
+
+    async def fetch(self, digest: bytes, candidates: Sequence[PeerId]) -> tuple[bytes, PeerId]:
+        """The block `digest` from one of `candidates` (least busy first, avoided peers last);
+        verified. Raises BlockUnavailable when none supplies it."""
+        usable = [p for p in candidates if p != self.roster.me]
+        order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
+        reasons = []
+        for peer in order:
+            self.inflight[peer] += 1
+            try:
+                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, LIMITS)
+            except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reasons.append(f"{peer.short()}: {exc}")
+                continue
+            finally:
+                self.inflight[peer] -= 1
+                if not self.inflight[peer]:
+                    del self.inflight[peer]
+            data = reply.get("data")
+            c = self.counters(peer)
+            if not isinstance(data, bytes):
+                c.missing += 1
+                reasons.append(f"{peer.short()}: missing")
+                continue
+            if hashlib.sha256(data).digest() != digest:
+                c.hash_failures += 1
+                self.hash_failures += 1
+                self._strike(peer)
+                log.warning(fmt("block_hash_mismatch", peer=peer, block=digest.hex()[:16], size=len(data)))
+                reasons.append(f"{peer.short()}: wrong data")
+                continue
+            c.bytes_in += len(data)
+            c.blocks_in += 1
+            return data, peer
+        raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
+
+    def status(self) -> Mapping[str, Any]:
+        return {
+            "blocks": {
+                "served": self.blocks_served,
+                "hash_failures": self.hash_failures,
+                "peers": {str(p): attrs.asdict(c) for p, c in sorted(self.peers.items())},
+            }
+        }
+
+
+class BlockService(Service):
+    """The exchange's counters in the node's status (bytes in/out per peer, served, hash failures)."""
+
+    name = "blocks"
+
+    def __init__(self, exchange: BlockExchange):
+        self.exchange = exchange
+
+    def status(self) -> Mapping[str, Any]:
+        return self.exchange.status()
+
+
+__all__ = ["BlockService", "BlockExchange", "BlockUnavailable", "ByteBudget", "MAX_BLOCK", "PROTOCOL", "Provider", "PeerCounters"]
