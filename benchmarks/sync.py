@@ -44,7 +44,7 @@ from procstat import rss_kib
 
 from p2pnode.identity import KeyPair
 from p2pnode.sync.blocks import Hasher
-from p2pnode.sync.database import Database
+from p2pnode.platform.db import Database
 from p2pnode.sync.index_db import MIGRATIONS, IndexRepo
 from p2pnode.sync.model import FolderConfig, NodeTarget
 from p2pnode.sync.scanner import Scanner
@@ -135,7 +135,7 @@ async def part_d(base: Path, big_mib: int, small_files: int, many: int) -> list[
     tree = base / "mixed"
     total = make_mixed_tree(tree, big_mib, small_files)
     os.sync()
-    time.sleep(1.0)  # past the scanner's racy window: every file is hashed once
+    await trio.sleep(1.0)  # past the scanner's racy window: every file is hashed once
     runs: dict[int, list[float]] = {1: [], 2: [], 3: [], 4: []}
     files = 0
     for i, workers in enumerate((1, 2, 3, 4, 4, 3, 2, 1)):  # both directions: the host's cache warms as we go
@@ -157,7 +157,7 @@ async def part_d(base: Path, big_mib: int, small_files: int, many: int) -> list[
     t0 = time.perf_counter()
     make_many_files(many_root, many)
     made = time.perf_counter() - t0
-    time.sleep(1.0)
+    await trio.sleep(1.0)
     db = await Database.open(base / "many.db", MIGRATIONS)
     try:
         scanner = Scanner(db, IndexRepo(), folder_config(many_root))

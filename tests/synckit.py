@@ -14,7 +14,7 @@ import trio
 from p2pnode.identity import KeyPair
 from p2pnode.sync.apply import ApplyReport, sync_folder
 from p2pnode.sync.blockstore import read_block
-from p2pnode.sync.database import Database
+from p2pnode.platform.db import Database
 from p2pnode.sync.index_db import MIGRATIONS, IndexRepo
 from p2pnode.sync.model import FileEntry, FolderConfig, IndexChunk, NodeTarget
 from p2pnode.sync.scanner import Scanner, ScanReport

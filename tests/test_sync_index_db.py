@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.sync.blocks import digest
-from p2pnode.sync.database import Database, DatabaseError, Migration, connect
+from p2pnode.platform.db import Database, Migration, StoreError
 from p2pnode.sync.index_db import MIGRATIONS, Applied, BlockLocation, IndexRepo, Partial
 from p2pnode.sync.model import FILE, FileEntry, IndexChunk
 
@@ -27,17 +27,15 @@ async def db(tmp_path: Path):
         await d.close()
 
 
-def test_migrations_are_applied_once_and_in_order(tmp_path: Path):
+async def test_migrations_are_applied_once_and_in_order(tmp_path: Path):
     extra = [*MIGRATIONS, Migration(2, "CREATE TABLE later (x INTEGER);")]
-    conn = connect(tmp_path / "a.db", MIGRATIONS)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
-    conn.close()
-    conn = connect(tmp_path / "a.db", extra)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
-    conn = connect(tmp_path / "a.db", extra)  # nothing to do the second time
-    conn.close()
+    db = await Database.open(tmp_path / "a.db", MIGRATIONS)
+    assert await db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 1
+    await db.close()
+    db = await Database.open(tmp_path / "a.db", extra)
+    assert await db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+    assert await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    await db.close()
 
 
 async def test_receiver_accepts_chunks_in_order_and_resets_on_a_new_index(db: Database):
@@ -115,5 +113,5 @@ async def test_partials_roundtrip(db: Database):
 
 async def test_a_corrupt_database_says_what_to_do(tmp_path: Path):
     (tmp_path / "sync.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(DatabaseError, match="move it aside"):
+    with pytest.raises(StoreError, match="move it aside"):
         await Database.open(tmp_path / "sync.db", MIGRATIONS)

@@ -36,7 +36,7 @@ from ..errors import DecodeError, P2PNodeError
 from ..logfmt import fmt
 from . import names
 from .blocks import MAX_BLOCK
-from .database import Database
+from ..platform.db import Database
 from .ignore import IgnoreRules, NodeFilter, read_ignore_file
 from .index_db import Applied, BlockLocation, IndexRepo, Partial
 from .localfs import SafeRoot, UnsafePath, read_exact, remove_at, temp_name

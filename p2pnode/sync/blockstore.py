@@ -15,7 +15,7 @@ import sqlite3
 import trio
 
 from ..errors import DecodeError
-from .database import Database
+from ..platform.db import Database
 from .index_db import BlockLocation, IndexRepo
 from .localfs import SafeRoot, UnsafePath, read_exact
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from .blocks import HASH_LEN, StatSig, block_span
-from .database import Migration
+from ..platform.db import Migration
 from .model import DIR, FILE, SYMLINK, FileEntry, IndexChunk, build_chunks
 from .names import parent
 
@@ -79,6 +79,7 @@ CREATE TABLE partials (
     folder INTEGER NOT NULL, name TEXT NOT NULL, temp TEXT NOT NULL, size INTEGER NOT NULL,
     block_size INTEGER NOT NULL, done BLOB NOT NULL, PRIMARY KEY (folder, name));
 """,
+        "sync index: source files, chunks, desired and applied state, block lookup, partial downloads",
     )
 ]
 

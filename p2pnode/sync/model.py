@@ -115,13 +115,17 @@ class RetryPolicy:
 
     @classmethod
     def from_dict(cls, raw: object) -> RetryPolicy:
-        f = Fields(raw, "folder retry")  # type: ignore[arg-type]
+        f = Fields(raw, "folder retry")
         d = cls()
+        def number(key: str, default: float) -> float:
+            value = f.number(key, optional=True, default=default)
+            return default if value is None else value
+
         policy = cls(
             max_attempts=f.integer("max_attempts", optional=True, default=d.max_attempts),
-            backoff_base_s=f.number("backoff_base_s", optional=True, default=d.backoff_base_s),
-            backoff_cap_s=f.number("backoff_cap_s", optional=True, default=d.backoff_cap_s),
-            jitter=f.number("jitter", optional=True, default=d.jitter),
+            backoff_base_s=number("backoff_base_s", d.backoff_base_s),
+            backoff_cap_s=number("backoff_cap_s", d.backoff_cap_s),
+            jitter=number("jitter", d.jitter),
         )
         _int_range(policy.max_attempts, 1, 1000, "folder retry: max_attempts")
         if not 0 < policy.backoff_base_s <= policy.backoff_cap_s <= 86_400:
@@ -151,7 +155,7 @@ class NodeTarget:
 
     @classmethod
     def from_dict(cls, raw: object, what: str) -> NodeTarget:
-        f = Fields(raw, what)  # type: ignore[arg-type]
+        f = Fields(raw, what)
         try:
             node_id = PeerId.from_string(f.text("node_id", max_len=128))
         except DecodeError as exc:
@@ -212,7 +216,7 @@ class FolderConfig:
 
     @classmethod
     def from_dict(cls, raw: object) -> FolderConfig:
-        f = Fields(raw, "folder config")  # type: ignore[arg-type]
+        f = Fields(raw, "folder config")
         folder_id = check_folder_id(f.text("id", max_len=64), "folder config id")
         what = f"folder config {folder_id}"
         f.what = what
@@ -317,7 +321,7 @@ class FileEntry:
 
     @classmethod
     def from_dict(cls, raw: object) -> FileEntry:
-        f = Fields(raw, "file entry")  # type: ignore[arg-type]
+        f = Fields(raw, "file entry")
         name = f.text("name", max_len=names.MAX_NAME_BYTES)
         try:
             names.validate(name)
@@ -340,7 +344,6 @@ class FileEntry:
             if block_size != block_size_for(size):
                 raise DecodeError(f"{f.what}: block_size {block_size} is not {block_size_for(size)}, the size for {size} bytes")
             blocks = f.blob("blocks")
-            assert blocks is not None
             if len(blocks) != HASH_LEN * block_count(size, block_size):
                 raise DecodeError(f"{f.what}: blocks must be {block_count(size, block_size)} hashes of {HASH_LEN} bytes")
             return cls(name, type_, seq, size, mode, mtime_ns, uid, gid, False, block_size, bytes(blocks))
@@ -392,7 +395,7 @@ class IndexChunk:
 
     @classmethod
     def from_dict(cls, raw: object) -> IndexChunk:
-        f = Fields(raw, "index chunk")  # type: ignore[arg-type]
+        f = Fields(raw, "index chunk")
         folder = check_folder_id(f.text("folder", max_len=64), "index chunk folder")
         f.what = f"index chunk of {folder}"
         index_id = _int_range(f.integer("index_id"), 1, MAX_ID, f"{f.what}: index_id")

@@ -35,7 +35,7 @@ from ..errors import P2PNodeError
 from ..logfmt import fmt
 from . import names
 from .blocks import RACY_NS, Hashed, HashFailure, Hasher, HashJob, HashOutcome, StatSig
-from .database import Database
+from ..platform.db import Database
 from .ignore import IgnoreRules, read_ignore_file
 from .index_db import IndexRepo, SourceChange, SourceRow
 from .model import DIR, FILE, SYMLINK, FileEntry, FolderConfig, file_type
