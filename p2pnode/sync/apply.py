@@ -25,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
@@ -38,10 +39,10 @@ from . import names
 from .blocks import MAX_BLOCK
 from ..platform.db import Database
 from .ignore import IgnoreRules, NodeFilter, read_ignore_file
-from .index_db import Applied, BlockLocation, IndexRepo, Partial
+from .index_db import Applied, AppliedState, BlockLocation, IndexRepo, Partial
 from .localfs import SafeRoot, UnsafePath, read_exact, remove_at, temp_name
 from .model import DIR, FILE, SYMLINK, FolderConfig, NodeTarget
-from .planner import BlockPlan, Delete, FileWrite, MakeDir, MakeSymlink, Plan, PlanOptions, SetMeta, plan
+from .planner import BlockPlan, Delete, FileWrite, LocalState, MakeDir, MakeSymlink, Plan, PlanOptions, SetMeta, plan
 
 log = logging.getLogger("p2pnode.sync.apply")
 
@@ -275,7 +276,7 @@ class Applier:
         records, self._records = self._records, []
         gone, self._gone = self._gone, []
 
-        def write(conn):  # type: ignore[no-untyped-def]
+        def write(conn: sqlite3.Connection) -> None:
             self.repo.forget_applied(conn, self.folder, gone)
             self.repo.record_applied(conn, self.folder, records)
 
@@ -724,7 +725,10 @@ async def sync_folder(
         applied = await db.read(lambda c: repo.applied_states(c, folder.id))
         options = PlanOptions(node.strategy, folder.ignore_permissions, root_user, case_insensitive)
 
-        def make_plan(conn, states=local[0], applied=applied, options=options, rules=rules):  # type: ignore[no-untyped-def]
+        def make_plan(
+            conn: sqlite3.Connection, states: dict[str, LocalState] = local[0], applied: dict[str, AppliedState] = applied,
+            options: PlanOptions = options, rules: IgnoreRules = rules,
+        ) -> Plan:
             return plan(
                 repo.iter_desired(conn, folder.id),
                 states,

@@ -135,12 +135,18 @@ class Scanner:
             return await self._scan("incremental", _outermost(wanted))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Full scan now, then every `rescan_interval_s`, until cancelled."""
-        await self.full_scan()
-        task_status.started()
+        """Full scan now, then every `rescan_interval_s`, until cancelled. A folder whose root is
+        missing is reported and tried again at the next interval; nothing is indexed meanwhile."""
+        started = False
         while True:
+            try:
+                await self.full_scan()
+            except ScanError as exc:
+                log.warning(fmt("sync_scan_failed", folder=self.folder.id, error=str(exc)))
+            if not started:
+                started = True
+                task_status.started()
             await trio.sleep(self.folder.rescan_interval_s)
-            await self.full_scan()
 
     # -- the scan -------------------------------------------------------------------------------------
     async def _scan(self, kind: str, starts: list[tuple[str, str]]) -> ScanReport:

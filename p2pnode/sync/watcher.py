@@ -35,11 +35,14 @@ class Watcher:
         self.batches = 0
 
     def _relative(self, changes: set[tuple[watchfiles.Change, str]]) -> set[str]:
-        root = self.scanner.root
+        roots = {self.scanner.root, os.path.realpath(self.scanner.root)}  # events may name either
         out: set[str] = set()
         for _, path in changes:
-            rel = os.path.relpath(path, root)
-            if rel == "." or rel.startswith(".."):
+            for root in roots:
+                rel = os.path.relpath(path, root)
+                if rel not in (".", "..") and not rel.startswith("../"):
+                    break
+            else:
                 continue
             if names.is_temp_name(os.path.basename(rel)):
                 continue
