@@ -35,9 +35,9 @@ import trio
 
 from ..errors import DecodeError, P2PNodeError
 from ..logfmt import fmt
-from . import names
-from .blocks import MAX_BLOCK
+from ..platform.blocks import ByteBudget
 from ..platform.db import Database
+from . import names
 from .ignore import IgnoreRules, NodeFilter, read_ignore_file
 from .index_db import Applied, AppliedState, BlockLocation, IndexRepo, Partial
 from .localfs import SafeRoot, UnsafePath, read_exact, remove_at, temp_name
@@ -129,28 +129,6 @@ class ApplyReport:
                 setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
-class _ByteBudget:
-    """Bytes of blocks in flight, across all files of one apply."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self._cond = trio.Condition()
-
-    async def acquire(self, n: int) -> int:
-        n = min(n, self.limit)
-        async with self._cond:
-            while self.used + n > self.limit:
-                await self._cond.wait()
-            self.used += n
-        return n
-
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.used -= n
-            self._cond.notify_all()
-
-
 @attrs.define
 class _OpenFile:
     dir_name: str
@@ -203,7 +181,7 @@ class Applier:
         self.folder = folder
         self.target = target
         self.fetch = fetch
-        self.max_inflight_bytes = max(max_inflight_bytes, MAX_BLOCK)
+        self.max_inflight_bytes = max_inflight_bytes
         self.file_workers = file_workers
         self.fsync = fsync
         self._root: SafeRoot | None = None
@@ -221,7 +199,7 @@ class Applier:
     async def apply(self, p: Plan) -> ApplyReport:
         report = ApplyReport()
         self._root = await trio.to_thread.run_sync(SafeRoot, self.target)
-        self._budget = _ByteBudget(self.max_inflight_bytes)
+        self._budget = ByteBudget(self.max_inflight_bytes)
         folders = {loc.folder for f in p.files for _, locs in f.copies for loc in locs if loc.folder != self.folder}
         if folders:
             self._other_roots = await self.db.read(lambda c: {f: self.repo.root(c, f) for f in folders})
@@ -616,12 +594,12 @@ class Applier:
             for b in todo:
                 if op.error is not None:
                     break
-                held = await self._budget.acquire(b.size)
-                nursery.start_soon(self._fetch_one, fw, op, b, held, report)
+                await self._budget.acquire(b.size)
+                nursery.start_soon(self._fetch_one, fw, op, b, report)
         if op.error is not None:
             raise op.error
 
-    async def _fetch_one(self, fw: FileWrite, op: _OpenFile, b: BlockPlan, held: int, report: ApplyReport) -> None:
+    async def _fetch_one(self, fw: FileWrite, op: _OpenFile, b: BlockPlan, report: ApplyReport) -> None:
         try:
             try:
                 data = await self.fetch(b.hash, b.size)
@@ -641,7 +619,7 @@ class Applier:
         except (ApplyError, OSError) as exc:
             op.error = op.error or exc  # the others go on: what they bring is kept for the resume
         finally:
-            await self._budget.release(held)
+            self._budget.release(b.size)
         if fw.entry.block_total > 1 and op.unsaved >= PERSIST_EVERY:
             await self._save_partial(fw, op)
 
