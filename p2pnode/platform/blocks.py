@@ -136,11 +136,13 @@ class BlockExchange:
         if count + 1 == AVOID_AFTER:
             log.warning(fmt("peer_avoided", peer=peer, reason="sent wrong blocks", seconds=int(AVOID_FOR)))
 
-    async def fetch(self, digest: bytes, candidates: Sequence[PeerId]) -> tuple[bytes, PeerId]:
-        """The block `digest` from one of `candidates` (least busy first, avoided peers last);
-        verified. Raises BlockUnavailable when none supplies it."""
+    async def fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId] = ()) -> tuple[bytes, PeerId]:
+        """The block `digest` from one of `candidates` (least busy first, avoided peers last), then
+        from `fallback` in its order (e.g. the original source, asked only when no one else has
+        it); verified. Raises BlockUnavailable when none supplies it."""
         usable = [p for p in candidates if p != self.roster.me]
         order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
+        order += [p for p in fallback if p != self.roster.me and p not in order]
         reasons = []
         for peer in order:
             self.inflight[peer] += 1
