@@ -1,11 +1,9 @@
 """Folder sync between real nodes on loopback: a source, receivers, signed folder configs, blocks
 from any peer, tasks, rolling turns, refusals."""
 
-from pathlib import Path
 
 import attrs
 import pytest
-import trio
 
 from clusterkit import ClusterKit, ClusterNode, wait_for
 from synckit import MiB, make_tree, write_at
