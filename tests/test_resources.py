@@ -445,3 +445,30 @@ async def test_websocket_message_before_noise_is_capped():
         assert any(getattr(e, "code", None) == 1009 for e in ws.events())  # closed: message too big
         assert a.resources.handshakes == 0 and a.resources.totals["handshake_failed"] == 1
         await sock.aclose()
+
+
+async def test_data_arriving_for_a_closed_stream_does_not_keep_its_memory():
+    """A requester that closes its stream mid-reply (e.g. its memory refused the reply) gets the
+    rest of the reply anyway; that must not grow the closed stream's window, whose account is
+    already given back: the growth was never released, and the connection ran out of memory."""
+    async with open_host(KeyPair.generate(), _config()) as a, open_host(KeyPair.generate(), _config()) as b:
+        sent = trio.Event()
+
+        async def handler(stream, conn):
+            await stream.send_all(b"x" * (4 * MiB))
+            await stream.aclose()
+            sent.set()
+
+        b.set_handler("/test/bulk/1.0.0", handler)
+        conn = await a.connect(b.full_addrs()[0])
+        for _ in range(3):
+            sent = trio.Event()
+            stream = await a.new_stream(b.peer_id, "/test/bulk/1.0.0")
+            assert await stream.receive_some(1000)
+            await stream.aclose()
+            with trio.fail_after(10):
+                await sent.wait()
+        with trio.fail_after(10):
+            while conn.scope.account.used or conn.muxer._streams:
+                await trio.sleep(0.01)
+        assert a.resources.memory_used == 0

@@ -156,6 +156,11 @@ class YamuxStream(trio.abc.HalfCloseableStream):
         else:
             self.deliver_reset()
 
+    @property
+    def released(self) -> bool:
+        """Its memory and slot are given back (closed, reset, or its connection gone)."""
+        return self._done
+
     def _finish(self) -> None:
         if not self._done:
             self._done = True
@@ -483,8 +488,11 @@ class YamuxConnection:
 
     def consumed(self, stream_id: int, n: int) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None:
-            self.core.consume(stream_id, n, trio.current_time())
+        if stream is None or stream.released:
+            # Nobody reads it any more: the bytes are granted back, the window never grows. Growth
+            # is reserved on the stream's account, which a closed stream has already given back:
+            # reserving there leaked the connection's memory for good, one closed stream at a time.
+            self.core.consume(stream_id, n, trio.current_time(), 0)
         else:
             growth = self.core.consume(stream_id, n, trio.current_time(), stream.budget.available())
             if growth:
