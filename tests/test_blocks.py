@@ -9,7 +9,7 @@ import trio
 
 from conftest import LOOPBACK_TCP
 from p2pnode.identity import KeyPair
-from p2pnode.platform.blocks import AVOID_AFTER, BlockExchange, BlockUnavailable, ByteBudget
+from p2pnode.platform.blocks import AVOID_AFTER, BlockExchange, BlockUnavailable, ByteBudget, VerifiedBlock
 from p2pnode.platform.roster import Roster
 
 
@@ -23,11 +23,11 @@ class Store(dict):
 
 
 class Node:
-    def __init__(self, host, members):
+    def __init__(self, host, members, **exchange):
         self.host = host
         self.roster = Roster(host.peer_id)
         self.roster.update(members)
-        self.blocks = BlockExchange(host, self.roster)
+        self.blocks = BlockExchange(host, self.roster, **exchange)
         self.store = Store()
 
         async def provider(digest):
@@ -116,3 +116,77 @@ async def test_requests_spread_over_peers_and_the_budget_bounds_bytes_in_flight(
     assert peak <= 1 << 20
     served = (b.blocks.blocks_served, c.blocks.blocks_served)
     assert sum(served) == 16 and min(served) >= 4, served
+
+
+async def _pair(make_host, server_limits=None, client_limits=None, **exchange):
+    """A client exchange and a server node on loopback, with the resource limits given."""
+    from p2pnode.host import HostConfig
+    from p2pnode.host.resources import Limits
+
+    keys = [KeyPair.generate() for _ in range(2)]
+    members = [k.peer_id for k in keys]
+    client = make_host(config=HostConfig(listen=(LOOPBACK_TCP,), limits=client_limits or Limits()), identity=keys[0])
+    server = make_host(config=HostConfig(listen=(LOOPBACK_TCP,), limits=server_limits or Limits()), identity=keys[1])
+    return client, server, members, exchange
+
+
+async def test_requests_to_one_peer_stay_under_its_stream_limit(make_host):
+    """The peer refuses inbound streams beyond its per-connection limit: the exchange keeps fewer
+    requests than that in flight to it, and every block arrives."""
+    from p2pnode.host.resources import Limits
+
+    client, server, members, _ = await _pair(make_host, server_limits=Limits(max_streams_per_connection=12))
+    async with client as a_host, server as b_host:
+        a, b = Node(a_host, members, max_requests_per_peer=8), Node(b_host, members)
+        blocks = [os.urandom(4096) for _ in range(64)]
+        for block in blocks:
+            b.hold(block)
+        serving = peak = 0
+        held = b.store.get
+
+        async def slow_provider(digest):
+            nonlocal serving, peak
+            serving += 1
+            peak = max(peak, serving)
+            await trio.sleep(0.01)
+            serving -= 1
+            return held(digest)
+
+        b.blocks.providers = [slow_provider]
+        await a_host.connect(b_host.full_addrs()[0])
+        got = {}
+
+        async def get(block):
+            got[h(block)], _ = await a.blocks.fetch(h(block), [b_host.peer_id])
+
+        async with trio.open_nursery() as n:
+            for block in blocks:
+                n.start_soon(get, block)
+        assert all(got[h(block)] == block for block in blocks)
+        assert peak <= 8 and not a.blocks.inflight
+
+
+async def test_a_full_connection_memory_makes_requests_wait_not_fail(make_host):
+    """Replies that do not fit in this node's memory for the connection wait for each other (with
+    the size known, they are not even asked for; without it, a refused one is asked again)."""
+    from p2pnode.host.resources import Limits
+
+    small = Limits(connection_memory=3 << 20, peer_memory=4 << 20)
+    client, server, members, _ = await _pair(make_host, client_limits=small)
+    async with client as a_host, server as b_host:
+        a, b = Node(a_host, members), Node(b_host, members)
+        blocks = [os.urandom(1 << 20) for _ in range(12)]
+        for block in blocks:
+            b.hold(block)
+        await a_host.connect(b_host.full_addrs()[0])
+        assert a.blocks.max_bytes_per_peer == 3 << 19
+        async def get(block, size_known):
+            data, _ = await a.blocks.fetch(h(block), [b_host.peer_id], size=len(block) if size_known else None)
+            assert data == block and isinstance(data, VerifiedBlock) and data.digest == h(block)
+
+        for size_known in (True, False):
+            async with trio.open_nursery() as n:
+                for block in blocks:
+                    n.start_soon(get, block, size_known)
+            assert not a.blocks.inflight and not a.blocks.inflight_bytes
+        assert a.blocks.counters(b_host.peer_id).blocks_in == 24
