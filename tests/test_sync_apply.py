@@ -400,3 +400,33 @@ async def test_kill_9_mid_file_resumes_with_the_blocks_already_written(pair: Syn
 async def test_content_id_distinguishes_types():
     f = FileEntry("x", FILE, 1, 0, 0o644, 0, 0, 0, False, 131072, b"")
     assert content_id(f) != content_id(FileEntry("x", "symlink", 1, target="t"))
+
+
+def test_blocks_of_a_file_still_being_written_are_served_never_through_a_symlink(tmp_path: Path):
+    """What a receiver has written to a temporary file is served to the others (swarming); the
+    temporary name is opened by the same walk as any other, no symlink followed."""
+    import hashlib
+
+    from p2pnode.platform.blocks import VerifiedBlock
+    from p2pnode.sync.blockstore import read_verified
+    from p2pnode.sync.index_db import BlockLocation
+
+    root, elsewhere = tmp_path / "target", tmp_path / "elsewhere"
+    (root / "d").mkdir(parents=True)
+    elsewhere.mkdir()
+    data = os.urandom(1000)
+    digest = hashlib.sha256(data).digest()
+    temp = f"{names.TEMP_PREFIX}f{names.TEMP_SUFFIX}"
+    for d in (root / "d", elsewhere):
+        (d / temp).write_bytes(b"x" * 10 + data)
+    (root / "link").symlink_to(elsewhere)
+    (root / "d" / f"{names.TEMP_PREFIX}g{names.TEMP_SUFFIX}").symlink_to(root / "d" / temp)
+
+    def read(name: str) -> bytes | None:
+        return read_verified([(BlockLocation("f", name, 10, 1000), str(root))], digest)
+
+    got = read(f"d/{temp}")
+    assert got == data and isinstance(got, VerifiedBlock) and got.digest == digest
+    assert read(f"link/{temp}") is None  # a symlinked directory on the way
+    assert read(f"d/{names.TEMP_PREFIX}g{names.TEMP_SUFFIX}") is None  # the temporary name is a symlink
+    assert read(f"../elsewhere/{temp}") is None
