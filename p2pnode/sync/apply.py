@@ -61,6 +61,9 @@ class ApplyObserver(Protocol):
 MAX_ERRORS = 100
 MAX_LOGGED = 50
 RECORD_BATCH = 256
+# Files written are recorded at least this often (seconds): only then can this node serve their
+# blocks to the other receivers (the temporary file it announced them from is renamed by then).
+RECORD_INTERVAL = 0.25
 PERSIST_EVERY = 4 * 1024 * 1024  # bytes written to a temp file between saves of its resume state
 FREE_SPACE_MARGIN = 1024 * 1024
 # Files written at once. Small files are bound by round trips (block request, worker threads,
@@ -212,6 +215,7 @@ class Applier:
         self._synced_dirs: set[str] = set()
         self._other_roots: dict[str, str | None] = {}
         self._fatal: DiskFull | None = None
+        self._flushed_at = 0.0
 
     @property
     def root(self) -> SafeRoot:
@@ -273,8 +277,9 @@ class Applier:
     async def _flush_records(self, force: bool = False) -> None:
         if not self._records and not self._gone:
             return
-        if not force and len(self._records) + len(self._gone) < RECORD_BATCH:
+        if not force and len(self._records) + len(self._gone) < RECORD_BATCH and trio.current_time() < self._flushed_at + RECORD_INTERVAL:
             return
+        self._flushed_at = trio.current_time()
         records, self._records = self._records, []
         gone, self._gone = self._gone, []
 
