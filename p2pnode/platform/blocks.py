@@ -60,6 +60,7 @@ HASH_OFF_THREAD = 256 << 10  # larger blocks are hashed on a worker thread, not 
 log = logging.getLogger("p2pnode.blocks")
 
 Provider = Callable[[bytes], Awaitable[bytes | None]]
+Sources = Callable[[], tuple[Sequence[PeerId], Sequence[PeerId]]]  # () -> (candidates, fallback), asked again while waiting
 
 
 class VerifiedBlock(bytes):
@@ -187,41 +188,32 @@ class BlockExchange:
             log.warning(fmt("peer_avoided", peer=peer, reason="sent wrong blocks", seconds=int(AVOID_FOR)))
 
     async def fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId] = (),
-                    size: int | None = None) -> tuple[VerifiedBlock, PeerId]:
+                    size: int | None = None, *, sources: Sources | None = None) -> tuple[VerifiedBlock, PeerId]:
         """The block `digest` from one of `candidates` (least busy first, avoided peers last), then
         from `fallback` in its order (e.g. the original source, asked only when no one else has
-        it); verified. `size`, when the caller knows it, lets the exchange keep the bytes in flight
-        to one peer within what its connection may buffer. Raises BlockUnavailable when none
-        supplies it."""
-        usable = [p for p in candidates if p != self.roster.me]
-        order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
-        order += [p for p in fallback if p != self.roster.me and p not in order]
+        it); verified. Raises BlockUnavailable when none supplies it.
+
+        `size`, when the caller knows it, lets the exchange keep the bytes in flight to one peer
+        within what its connection may buffer. `sources`, when given, is asked again for
+        (candidates, fallback) whenever the peer to ask has no free slot: the request waits for
+        one, and meanwhile another peer may have got the block (swarming: the source's slots are
+        not taken by blocks that the other receivers are about to have)."""
         # A reply is reserved at its length, and its stream's receive window (reserved too) may grow
         # to about twice that while it arrives.
         cost = 3 * size + MIN_STREAM_MEMORY if size is not None else 0
-        reasons = []
-        for peer in order:
-            reply = None
-            for attempt in range(LOCAL_LIMIT_RETRIES + 1):
-                await self._acquire(peer, cost)
-                try:
-                    reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, LIMITS)
-                    self._widen(peer)
-                    break
-                except ResourceLimitExceeded as exc:  # this node's own limit: not the peer's doing
-                    self._narrow(peer)
-                    if attempt == LOCAL_LIMIT_RETRIES:
-                        reasons.append(f"{peer.short()}: {exc}")
-                        break
-                except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    reasons.append(f"{peer.short()}: {exc}")
-                    break
-                finally:
-                    self._release(peer, cost)
-                # Until another request finishes, or a moment for streams that ended to give back
-                # their windows (a stream's memory is freed when both sides have closed it).
-                with trio.move_on_after(LOCAL_LIMIT_WAIT):
-                    await self._released.wait()
+        reasons: list[str] = []
+        asked: set[PeerId] = set()
+        while True:
+            order = self._order(candidates, fallback, asked)
+            if not order:
+                raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
+            peer = order[0]
+            if sources is not None and not self._room(peer, cost):
+                await self._released.wait()
+                candidates, fallback = sources()
+                continue
+            asked.add(peer)
+            reply = await self._request(peer, digest, cost, reasons)
             if reply is None:
                 continue
             data = reply.get("data")
@@ -240,13 +232,44 @@ class BlockExchange:
             c.bytes_in += len(data)
             c.blocks_in += 1
             return VerifiedBlock(data, digest), peer
-        raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
+
+    def _order(self, candidates: Sequence[PeerId], fallback: Sequence[PeerId], asked: set[PeerId]) -> list[PeerId]:
+        usable = [p for p in candidates if p != self.roster.me and p not in asked]
+        order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
+        return order + [p for p in fallback if p != self.roster.me and p not in asked and p not in order]
+
+    async def _request(self, peer: PeerId, digest: bytes, cost: int, reasons: list[str]) -> dict[str, Any] | None:
+        """One block request to `peer` in a slot of its own; None (and the reason) if it failed."""
+        for attempt in range(LOCAL_LIMIT_RETRIES + 1):
+            await self._acquire(peer, cost)
+            try:
+                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, LIMITS)
+                self._widen(peer)
+                return reply
+            except ResourceLimitExceeded as exc:  # this node's own limit: not the peer's doing
+                self._narrow(peer)
+                if attempt == LOCAL_LIMIT_RETRIES:
+                    reasons.append(f"{peer.short()}: {exc}")
+                    return None
+            except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reasons.append(f"{peer.short()}: {exc}")
+                return None
+            finally:
+                self._release(peer, cost)
+            # Until another request finishes, or a moment for streams that ended to give back
+            # their windows (a stream's memory is freed when both sides have closed it).
+            with trio.move_on_after(LOCAL_LIMIT_WAIT):
+                await self._released.wait()
+        return None
+
+    def _room(self, peer: PeerId, cost: int) -> bool:
+        return self.inflight[peer] < self._caps.get(peer, self.max_requests_per_peer) and not (
+            self.inflight_bytes[peer] and self.inflight_bytes[peer] + cost > self.max_bytes_per_peer)
 
     async def _acquire(self, peer: PeerId, cost: int) -> None:
         """A request slot to `peer`: fewer requests in flight than its cap, and `cost` more bytes
         within max_bytes_per_peer (a single request larger than that still goes, alone)."""
-        while self.inflight[peer] >= self._caps.get(peer, self.max_requests_per_peer) or (
-                self.inflight_bytes[peer] and self.inflight_bytes[peer] + cost > self.max_bytes_per_peer):
+        while not self._room(peer, cost):
             await self._released.wait()
         self.inflight[peer] += 1
         self.inflight_bytes[peer] += cost
