@@ -737,10 +737,13 @@ def part_c(base: Path, data_mib: int, receivers: int, profile: Path | None) -> l
         sent, _ = wire.totals()
         upload = block_bytes(src, "bytes_out") - out0
         from_peers = []
+        asked = missing = 0
         for r in rcv:
             peers = r.get("/status")["blocks"]["peers"]
             got = sum(p["bytes_in"] for p in peers.values())
             from_peers.append(1 - peers.get(str(src.key.peer_id), {}).get("bytes_in", 0) / max(1, got))
+            asked += sum(p["blocks_in"] + p["missing"] for p in peers.values())
+            missing += sum(p["missing"] for p in peers.values())
         for _, p in targets:
             same_tree(tree, p, mtimes=True)
     ratio = upload / total
@@ -750,7 +753,7 @@ def part_c(base: Path, data_mib: int, receivers: int, profile: Path | None) -> l
             f"blocks out {mib(upload)}; TCP sent by the source {mib(sent)} = {sent / total:.2f}x data"),
         Row(f"c  ... time until all {receivers} in sync", f"{seconds:.1f} s",
             notes=f"{receivers * total / MiB / seconds:.0f} MiB/s delivered; receivers got {100 * statistics.mean(from_peers):.0f} % "
-                  f"of their blocks from each other; load {load}"),
+                  f"of their bytes from each other; {missing:,} of {asked:,} block requests answered 'missing'; load {load}"),
     ]
 
 
