@@ -6,6 +6,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from conftest import LOOPBACK_TCP
 from p2pnode.identity import KeyPair
@@ -190,3 +191,43 @@ async def test_a_full_connection_memory_makes_requests_wait_not_fail(make_host):
                     n.start_soon(get, block, size_known)
             assert not a.blocks.inflight and not a.blocks.inflight_bytes
         assert a.blocks.counters(b_host.peer_id).blocks_in == 24
+
+
+async def test_a_waiting_request_asks_again_who_has_the_block(trio_hosts):
+    """While a request waits for a slot at the peer it would ask (the source, say), `sources`
+    is asked again whenever a slot frees: a peer that has the block by then is asked instead."""
+    a, b, c = trio_hosts
+    a.blocks.max_requests_per_peer = 1
+    first, second, other = os.urandom(1000), os.urandom(1000), os.urandom(1000)
+    for block in (first, second):
+        c.hold(block)
+    release = trio.Event()
+    held = c.store.get
+
+    async def slow(digest):
+        await release.wait()
+        return held(digest)
+
+    c.blocks.providers = [slow]
+    holders: list = []
+    async with trio.open_nursery() as n:
+        n.start_soon(a.blocks.fetch, h(first), [], [c.host.peer_id])  # takes c's only slot until released
+        with trio.fail_after(5):
+            while not a.blocks.inflight:
+                await trio.sleep(0.01)
+        got = []
+
+        async def waiting():
+            got.append(await a.blocks.fetch(h(second), [], [c.host.peer_id], sources=lambda: (holders, [c.host.peer_id])))
+
+        n.start_soon(waiting)
+        await trio.testing.wait_all_tasks_blocked()
+        b.hold(second)
+        holders.append(b.host.peer_id)
+        await a.blocks.fetch(b.hold(other), [b.host.peer_id])  # a slot frees: the waiting request looks again
+        with trio.fail_after(5):
+            while not got:
+                await trio.sleep(0.01)
+        assert got == [(second, b.host.peer_id)]
+        release.set()
+    assert c.blocks.blocks_served == 1 and b.blocks.blocks_served == 2
