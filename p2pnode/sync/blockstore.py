@@ -7,8 +7,8 @@ hash: a file that changed since it was registered is skipped, never served. What
 `VerifiedBlock`, so the block exchange does not hash it a second time.
 
 A receiver also serves the blocks it has already written to a file still being built (the sync
-service passes the temporary file's name): those names are refused as folder names, so they are
-opened here through the same symlink-free walk. (They were refused here too, until
+service passes the temporary file's name): names of that shape are refused as folder names, so
+they are opened with `temp_ok`, by the same symlink-free walk. (They were refused here too, until
 benchmarks/sync.py showed 8 receivers answering "missing" for every block they had announced.)
 """
 
@@ -17,35 +17,16 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import stat
 
 import trio
 
 from ..errors import DecodeError
 from ..platform.blocks import VerifiedBlock
 from ..platform.db import Database
-from . import names
 from .index_db import BlockLocation, IndexRepo
 from .localfs import SafeRoot, UnsafePath, read_exact
 
 READ_WITH_LOOKUP = 128 * 1024  # blocks up to this size are read on the database thread, with their lookup
-
-
-def _open(root: SafeRoot, name: str) -> int:
-    """A read descriptor of `name`, or of a receiver's temporary file being written (which a
-    folder's names may never take, so SafeRoot.open_file refuses it): same walk, no symlink followed."""
-    dir_name, _, leaf = name.rpartition("/")
-    if not names.is_temp_name(leaf):
-        return root.open_file(name)
-    dfd = root.open_dir(names.validate(dir_name) if dir_name else "")
-    try:
-        fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafePath(f"{name} is not a regular file")
-    return fd
 
 
 def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash: bytes) -> VerifiedBlock | None:
@@ -56,7 +37,7 @@ def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash
         try:
             root = SafeRoot(root_path)
             try:
-                fd = _open(root, loc.name)
+                fd = root.open_file(loc.name, temp_ok=True)
             finally:
                 root.close()
         except (UnsafePath, DecodeError, OSError):
