@@ -45,7 +45,9 @@ before they are timed. The machine is shared: the table shows the load average d
 
 from __future__ import annotations
 
+import abc
 import argparse
+import functools
 import getpass
 import json
 import os
@@ -62,12 +64,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from procstat import rss_kib
 
@@ -185,24 +188,13 @@ async def scan_once(root: Path, db_path: Path, workers: int) -> tuple[float, int
 
 HEARTBEAT = 5.0  # seconds; the production default is 30
 STOP_TIMEOUT = 15.0
+T = TypeVar("T", bound="Started")
 NODE_CONFIG: dict[str, Any] = {}  # --node-config: more config.json fields for every node
-_ports: set[int] = set()
+def free_tcp_port() -> int:
+    # Imported here: clusterkit brings the whole node, which would count in part (e)'s children.
+    from clusterkit import free_tcp_port  # type: ignore[import-not-found]
 
-
-def free_port() -> int:
-    """A loopback port to listen on, below the kernel's ephemeral range (outgoing connections cannot hold it)."""
-    for _ in range(500):
-        port = random.randrange(20000, 32000)
-        if port in _ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _ports.add(port)
-        return port
-    raise RuntimeError("no free port in 20000-32000")
+    return int(free_tcp_port())
 
 
 def control(sock: Path, method: str, target: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
@@ -220,17 +212,39 @@ def control(sock: Path, method: str, target: str, body: Any = None, timeout: flo
     return int(head.split(b" ", 2)[1]), json.loads(payload or b"{}")
 
 
+class Started(abc.ABC):
+    """A context manager for processes: start() on entry, stop() on exit, and stop() also when
+    start() fails half-way or is interrupted (Ctrl-C), so nothing it started is left running."""
+
+    def __enter__(self: T) -> T:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+
 class NodeProc:
     """One `p2pnode run` process with its own data dir, config.json and key; stdout and stderr in node.log."""
 
     def __init__(self, root: Path, name: str, cluster_id: str, system_pubkey: str, allowed_root: Path, extra: dict[str, Any]):
         self.name = name
         self.key = KeyPair.generate()
-        self.port = free_port()
+        self.port = free_tcp_port()
         self.data_dir = root / name
         self.data_dir.mkdir(parents=True, mode=0o700)
         save_key(self.data_dir / "node.key", self.key)
-        config = {"listen": [f"/ip4/127.0.0.1/tcp/{self.port}"], "cluster_id": cluster_id, "system_pubkey": system_pubkey,
+        config: dict[str, Any] = {"listen": [f"/ip4/127.0.0.1/tcp/{self.port}"], "cluster_id": cluster_id, "system_pubkey": system_pubkey,
                   "heartbeat_interval": HEARTBEAT, "log_level": "info", "sync": {"allowed_roots": [str(allowed_root)]}}
         for key, value in extra.items():  # --node-config: merged one level deep
             config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
@@ -268,14 +282,19 @@ class NodeProc:
         return body
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
+    """Signal a child (if it still runs) and wait for it; SIGKILL if it takes longer than `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, alive: Sequence[NodeProc] = (),
@@ -294,7 +313,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, alive: S
         time.sleep(every)
 
 
-class Cluster:
+class Cluster(Started):
     """Nodes as real processes on loopback, made members by an admin-signed snapshot pushed to one of them."""
 
     def __init__(self, root: Path, names: Sequence[str], allowed_root: Path):
@@ -303,35 +322,27 @@ class Cluster:
         self.admin = KeyPair.generate()
         self.nodes = [NodeProc(root, n, self.cluster_id, str(self.system.peer_id), allowed_root, NODE_CONFIG) for n in names]
 
-    def __enter__(self) -> Cluster:
-        try:
-            for n in self.nodes:
-                n.start()
-            wait_until(lambda: all(n.sock.exists() for n in self.nodes), 60, "control sockets", self.nodes)
-            members = tuple(n.member() for n in self.nodes)
-            snap = Snapshot(self.cluster_id, timefmt.now_ns(), self.admin.peer_id, members, self.proof()).sign(self.admin)
-            self.push(self.nodes[0], snap)
-            want = len(self.nodes) - 1
+    def start(self) -> None:
+        for n in self.nodes:
+            n.start()
+        wait_until(lambda: all(n.sock.exists() for n in self.nodes), 60, "control sockets", self.nodes)
+        members = tuple(n.member() for n in self.nodes)
+        snap = Snapshot(self.cluster_id, timefmt.now_ns(), self.admin.peer_id, members, self.proof()).sign(self.admin)
+        self.push(self.nodes[0], snap)
+        want = len(self.nodes) - 1
 
-            def meshed() -> bool:
-                views = [n.get("/status") for n in self.nodes]
-                return all(v.get("state") == "healthy" and len(v.get("online_members", ())) == want for v in views)
+        def meshed() -> bool:
+            views = [n.get("/status") for n in self.nodes]
+            return all(v.get("state") == "healthy" and len(v.get("online_members", ())) == want for v in views)
 
-            wait_until(meshed, 120, "every node healthy and connected to every other", self.nodes, every=0.5)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        wait_until(meshed, 120, "every node healthy and connected to every other", self.nodes, every=0.5)
 
     def stop(self) -> None:
         for n in self.nodes:  # SIGTERM to all first: they stop in parallel
             if n.proc is not None and n.proc.poll() is None:
                 n.proc.send_signal(signal.SIGTERM)
         for n in self.nodes:
-            n.stop()
+            stop_process(n.proc)
 
     def proof(self) -> Envelope:
         now = timefmt.now_ns()
@@ -445,16 +456,16 @@ class SocketBytes:
         return sent, received
 
 
-class Sshd:
+class Sshd(Started):
     """sshd on a loopback port with a temporary host key and one authorized key, for rsync over ssh."""
 
     def __init__(self, root: Path):
         self.dir = root
         self.dir.mkdir(parents=True, mode=0o700)
-        self.port = free_port()
+        self.port = free_tcp_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Sshd:
+    def start(self) -> None:
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         if not os.path.exists(sshd) or not shutil.which("rsync"):
             raise RuntimeError("parts a and b need rsync and sshd: apt-get install -y rsync openssh-server")
@@ -470,29 +481,16 @@ class Sshd:
         with open(d / "sshd.log", "ab") as log_file:
             self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")], stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=log_file, start_new_session=True)
-        try:
-            def answers() -> bool:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"sshd exited: {(d / 'sshd.log').read_text()[-500:]}")
-                return subprocess.run([*self.ssh_argv(), f"{getpass.getuser()}@127.0.0.1", "true"], capture_output=True).returncode == 0
 
-            wait_until(answers, 30, "sshd to accept the key", every=0.3)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        def answers() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(d / 'sshd.log').read_text()[-500:]}")
+            return subprocess.run([*self.ssh_argv(), f"{getpass.getuser()}@127.0.0.1", "true"], capture_output=True).returncode == 0
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        wait_until(answers, 30, "sshd to accept the key", every=0.3)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def ssh_argv(self) -> list[str]:
         return ["ssh", "-p", str(self.port), "-i", str(self.dir / "client_key"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
@@ -576,14 +574,7 @@ class Profiler:
 
     def __exit__(self, *exc: object) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_process(p, signal.SIGINT, 30)  # py-spy writes its output on SIGINT
         if self.out_dir is not None:
             for n in self.nodes:
                 path = self.out_dir / f"{self.label}-{n.name}.txt"
@@ -674,7 +665,7 @@ def part_ab(base: Path, big_mib: int, small_files: int, parts: str, profile: Pat
         rows.append(Row(f"a  initial sync, {mib(total)} in {files:,} files, 1 receiver", f"{ours:.0f} MiB/s", f"{theirs:.0f} MiB/s",
                         f"{ours / theirs:.2f}x", ">= 0.8x rsync", verdict(ours / theirs >= 0.8),
                         f"{seconds:.1f} s vs rsync {rs_seconds:.1f} s; CPU source {cpu[0]:.1f} s, receiver {cpu[1]:.1f} s; "
-                        f"load {load} / {rs_load}"))
+                        f"fsync per file (rsync: none); load {load} / {rs_load}"))
         rows.append(Row("a  ... bytes on the wire / data", f"{(sent + received) / total:.3f}", f"{(rs_sent + rs_received) / total:.3f}",
                         notes="p2pnode: TCP payload at the receiver (tcp_info); rsync: --stats, before ssh's framing"))
 
@@ -822,7 +813,7 @@ async def child_source(db_path: str, root: str) -> None:
     out["after_rescan"] = rss_kib()
     after, chunks, entries = 0, [], 0
     while True:
-        page = await db.read(lambda c, a=after: repo.unsigned_chunks(c, "bench", a, 10_000))
+        page = await db.read(functools.partial(repo.unsigned_chunks, folder="bench", after_seq=after, max_entries=10_000))
         if not page:
             break
         for ch in page:
@@ -853,7 +844,7 @@ async def child_receiver(db_path: str, chunks_path: str, target: str) -> None:
         n = int.from_bytes(data[pos : pos + 4], "big")
         chunk = IndexChunk.from_bytes(data[pos + 4 : pos + 4 + n])
         pos += 4 + n
-        await db.write(lambda c, ch=chunk: repo.accept_chunk(c, ch))
+        await db.write(functools.partial(repo.accept_chunk, chunk=chunk))
     del data
     out["after_accept"] = rss_kib()
     p = await db.read(lambda c: plan(repo.iter_desired(c, "bench"), {}, {}, locate=lambda h: repo.locate(c, h)))
@@ -937,8 +928,10 @@ def main() -> None:
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    # SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop every process started.
+    # SIGTERM ends the run like Ctrl-C does, through the finally blocks that stop every process
+    # started; SIGINT too when it was ignored at start (a run put in the background by a script).
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     try:
         if "a" in parts or "b" in parts:
             rows += part_ab(base, size(args.a_big_mib, 512, 64), size(args.a_small_files, 10_000, 1_000), parts, args.profile)
