@@ -24,7 +24,7 @@ import time
 import trio
 
 from p2pnode import codec
-from p2pnode.cluster.membership import MAX_MESSAGE, PULL
+from p2pnode.cluster.membership import MAX_MESSAGE, PULL, PUSH
 from p2pnode.host import Connection, Host, HostConfig, open_host
 from p2pnode.identity import KeyPair
 from p2pnode.multiaddr import Multiaddr
@@ -33,10 +33,17 @@ from p2pnode.streamio import MessageReader, send_message
 
 
 async def _serve_empty_pull(stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
-    """Answer the node's on-connect pull like a member with nothing newer, so the baseline log is quiet."""
+    """Answer the node's on-connect pull like a member with nothing newer (keeps the node's log quiet)."""
     with trio.fail_after(10):
         await MessageReader(stream, MAX_MESSAGE).one()
         await send_message(stream, codec.encode({"snapshot": None, "revocations": []}), MAX_MESSAGE)
+
+
+async def _ignore_push(stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
+    """Answer the node forwarding its snapshot to us, a member, like a member that has it already."""
+    with trio.fail_after(10):
+        await MessageReader(stream, MAX_MESSAGE).one()
+        await send_message(stream, codec.encode({"result": "ignored", "code": "not_newer", "reason": ""}), MAX_MESSAGE)
 
 
 def _emit(record: dict[str, object]) -> None:
@@ -81,6 +88,7 @@ async def main(args: argparse.Namespace) -> None:
     target = Multiaddr.parse(args.target)
     async with open_host(key, HostConfig()) as host:
         host.set_handler(PULL, _serve_empty_pull)
+        host.set_handler(PUSH, _ignore_push)
         async with trio.open_nursery() as nursery:
 
             async def stopper() -> None:
