@@ -3,7 +3,7 @@
 - `attacks`: one async function per attack, `await fn(target, seconds, **intensity) -> counts`;
   `ATTACKS` maps names to them.
 - `payloads`: hostile documents (shared-reference snapshot, CBOR bomb, bogus revocations).
-- `server`: a hostile peer that serves poisoned membership pulls.
+- `server`: a hostile peer that serves poisoned document pulls.
 - `frames`: hand-made yamux, multistream and WebSocket bytes; `RawMux`, a yamux client by hand.
 - `wire`: the only module that touches `p2pnode.transport` internals.
 - `harness`: a real `p2pnode run` process, a good peer pinging it, /proc measurements.

@@ -17,13 +17,13 @@ import attrs
 import trio
 
 from p2pnode import codec
-from p2pnode.cluster.membership import MAX_MESSAGE as MEMBERSHIP_MAX
-from p2pnode.cluster.membership import PULL, PUSH
+from p2pnode.cluster.membership import REVOCATION, SNAPSHOT
 from p2pnode.cluster.status import fetch_status
 from p2pnode.errors import P2PNodeError
 from p2pnode.host import Connection, Host, HostConfig, open_host
 from p2pnode.identity import KeyPair, PeerId
 from p2pnode.multiaddr import Multiaddr
+from p2pnode.platform.bus import PULL, PULL_LIMITS, PUSH, PUSH_LIMITS
 from p2pnode.streamio import MessageReader, send_message
 from p2pnode.varint import encode as uvarint
 
@@ -133,11 +133,11 @@ async def _push_loop(target: Target, seconds: float, message: bytes, concurrency
                 try:
                     stream = await host.new_stream(await client.connection(), PUSH)
                     try:
-                        await send_message(stream, message, MEMBERSHIP_MAX)
+                        await send_message(stream, message, PUSH_LIMITS.max_request)
                         counts["pushes"] += 1
                         counts["bytes_sent"] += len(message)
                         with trio.fail_after(60):
-                            verdict = codec.decode_map(await MessageReader(stream, MEMBERSHIP_MAX).one(), "verdict")
+                            verdict = codec.decode_map(await MessageReader(stream, PUSH_LIMITS.max_reply).one(), "verdict")
                         counts[f"verdict_{verdict.get('result')}"] += 1
                     finally:
                         await stream.aclose()
@@ -156,7 +156,7 @@ async def snapshot_refs_push(target: Target, seconds: float, *, concurrency: int
 
 
 async def cbor_bomb_push(target: Target, seconds: float, *, concurrency: int = 2, size: int = payloads.MAX_PUSH) -> Counts:
-    """Push 4 MiB of empty CBOR arrays as a membership-push request, again and again."""
+    """Push 4 MiB of empty CBOR arrays as a document-push request, again and again."""
     return await _push_loop(target, seconds, payloads.cbor_bomb_push(size), concurrency)
 
 
@@ -266,7 +266,7 @@ async def ws_slowloris(target: Target, seconds: float, *, connections: int = 120
 
 
 async def push_slowloris(target: Target, seconds: float, *, streams: int = 200, announce: int = payloads.MAX_PUSH) -> Counts:
-    """On one authenticated connection, `streams` membership pushes that each announce `announce`
+    """On one authenticated connection, `streams` document pushes that each announce `announce`
     bytes and send all but the last; a stream the node resets is opened again."""
     counts: Counter[str] = Counter()
     body = memoryview(bytes(announce - 1))
@@ -461,6 +461,10 @@ async def idle_connections(target: Target, seconds: float, *, connections: int =
     return dict(counts)
 
 
+# A client holding nothing: every snapshot and revocation the node holds, in one round.
+_PULL_EVERYTHING = {"summaries": {SNAPSHOT: "", REVOCATION: ""}, "have": {SNAPSHOT: [], REVOCATION: []}}
+
+
 async def nonmember_reads(target: Target, seconds: float, *, rate: float = 4.0) -> Counts:
     """A non-member pulls the snapshot (names, addresses) and reads the full status, `rate` times a second."""
     counts: Counter[str] = Counter()
@@ -473,11 +477,13 @@ async def nonmember_reads(target: Target, seconds: float, *, rate: float = 4.0) 
                     stream = await host.new_stream(conn, PULL)
                     try:
                         with trio.fail_after(10):
-                            await send_message(stream, codec.encode({"have": "", "revocations": []}), MEMBERSHIP_MAX)
-                            reply = codec.decode_map(await MessageReader(stream, MEMBERSHIP_MAX).one(), "pull reply")
+                            await send_message(stream, codec.encode(_PULL_EVERYTHING), PULL_LIMITS.max_request)
+                            reply = codec.decode_map(await MessageReader(stream, PULL_LIMITS.max_reply).one(), "pull reply")
                     finally:
                         await stream.aclose()
-                    counts["snapshots_read" if reply.get("snapshot") else "pulls_without_snapshot"] += 1
+                    docs = reply.get("docs") or []
+                    got_snapshot = any(isinstance(d, dict) and d.get("type") == SNAPSHOT for d in docs)
+                    counts["snapshots_read" if got_snapshot else "pulls_without_snapshot"] += 1
                 except NET_ERRORS:
                     counts["pulls_refused"] += 1
                 try:
@@ -510,7 +516,7 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in [
     Attack("snapshot-refs-pull", "the same snapshot served to the node's on-connect pull (attacker dials in)", snapshot_refs_pull),
     Attack("snapshot-refs-bootstrap", "the same snapshot served by the node's bootstrap peer (node dials out)",
            snapshot_refs_bootstrap, snapshot_refs_bootstrap_reply),
-    Attack("cbor-bomb-push", "4 MiB of empty CBOR arrays in a membership push", cbor_bomb_push),
+    Attack("cbor-bomb-push", "4 MiB of empty CBOR arrays in a document push", cbor_bomb_push),
     Attack("ws-slowloris", "120 WebSocket connections, 4 MiB message minus one byte, before Noise", ws_slowloris),
     Attack("push-slowloris", "200 streams × a 4 MiB push minus one byte, on one connection", push_slowloris),
     Attack("ping-flood", "yamux pings whose pongs are never read", ping_flood),

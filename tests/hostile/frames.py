@@ -82,7 +82,7 @@ class RawMux:
 
     async def serve(self, *, answer_pings: bool = True, refuse_streams: bool = True) -> None:
         """Read the node's frames until the connection ends: answer its pings, reset the streams it
-        opens (identify, membership pull, heartbeats), count the RSTs it sends us. Sets `closed`."""
+        opens (identify, document pull, heartbeats), count the RSTs it sends us. Sets `closed`."""
         buf = bytearray(self._initial)
         try:
             while True:

@@ -24,10 +24,10 @@ import time
 import trio
 
 from p2pnode import codec
-from p2pnode.cluster.membership import MAX_MESSAGE, PULL, PUSH
 from p2pnode.host import Connection, Host, HostConfig, open_host
 from p2pnode.identity import KeyPair
 from p2pnode.multiaddr import Multiaddr
+from p2pnode.platform.bus import PULL, PULL_LIMITS, PUSH, PUSH_LIMITS
 from p2pnode.stdproto import ping as ping_proto
 from p2pnode.streamio import MessageReader, send_message
 
@@ -35,15 +35,15 @@ from p2pnode.streamio import MessageReader, send_message
 async def _serve_empty_pull(stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
     """Answer the node's on-connect pull like a member with nothing newer (keeps the node's log quiet)."""
     with trio.fail_after(10):
-        await MessageReader(stream, MAX_MESSAGE).one()
-        await send_message(stream, codec.encode({"snapshot": None, "revocations": []}), MAX_MESSAGE)
+        await MessageReader(stream, PULL_LIMITS.max_request).one()
+        await send_message(stream, codec.encode({"docs": [], "need_have": [], "more": False}), PULL_LIMITS.max_reply)
 
 
 async def _ignore_push(stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
     """Answer the node forwarding its snapshot to us, a member, like a member that has it already."""
     with trio.fail_after(10):
-        await MessageReader(stream, MAX_MESSAGE).one()
-        await send_message(stream, codec.encode({"result": "ignored", "code": "not_newer", "reason": ""}), MAX_MESSAGE)
+        await MessageReader(stream, PUSH_LIMITS.max_request).one()
+        await send_message(stream, codec.encode({"result": "ignored", "code": "not_newer", "reason": ""}), PUSH_LIMITS.max_reply)
 
 
 def _emit(record: dict[str, object]) -> None:

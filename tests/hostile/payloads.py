@@ -3,10 +3,13 @@
 - `shared_ref_snapshot`: a validly self-signed membership snapshot whose member list is one member
   (64 addresses, 64 labels) referenced 10,000 times through CBOR value sharing (tags 28/29):
   ~36 KB on the wire, 10,000 × 64 multiaddrs to parse for whoever builds it before checking trust.
-- `cbor_bomb_push`: a membership-push request of just under 4 MiB whose `snapshot` is an array of
+- `cbor_bomb_push`: a document-push request of just under 4 MiB whose `doc` is an array of
   ~4 million empty arrays (one Python list each when decoded: ~300 MB).
-- `bogus_revocations_reply`: a membership-pull reply with 1,000 revocations signed by a key that
+- `bogus_revocations_reply`: a document-pull reply with 1,000 revocations signed by a key that
   is not the system key.
+
+Push and pull are the document bus's (`p2pnode.platform.bus`, protocols/documents.md): a push is
+`{"doc": envelope}`, a pull reply `{"docs": [envelope, …], "need_have": [], "more": false}`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from p2pnode.cluster.documents import Member, Revocation, Snapshot
 from p2pnode.identity import KeyPair
 from p2pnode.multiaddr import Multiaddr
 
-MAX_PUSH = 4 << 20  # membership's message limit on main: a message this size is still read
+MAX_PUSH = 4 << 20  # the bus's document limit (a push request may be 1 MiB more): a message this size is still read
 SHARED_COPIES = 10_000
 ADDRS_PER_MEMBER = 64
 
@@ -45,13 +48,13 @@ def shared_ref_snapshot(key: KeyPair, cluster_id: str, copies: int = SHARED_COPI
 
 
 def snapshot_push(env: Envelope) -> bytes:
-    """A membership-push request carrying `env`."""
-    return codec.encode({"snapshot": env.to_dict()})
+    """A document-push request carrying `env`."""
+    return codec.encode({"doc": env.to_dict()})
 
 
 def cbor_bomb_push(size: int = MAX_PUSH) -> bytes:
-    """{"snapshot": [[], [], …]} filling `size` bytes: one byte per empty array."""
-    head = b"\xa1" + cbor2.dumps("snapshot")
+    """{"doc": [[], [], …]} filling `size` bytes: one byte per empty array."""
+    head = b"\xa1" + cbor2.dumps("doc")
     count = size - len(head) - 5  # 0x9a + 4-byte count
     return head + b"\x9a" + count.to_bytes(4, "big") + b"\x80" * count
 
@@ -59,9 +62,14 @@ def cbor_bomb_push(size: int = MAX_PUSH) -> bytes:
 def bogus_revocations_reply(key: KeyPair, cluster_id: str, count: int = 1000) -> dict[str, Any]:
     """A pull reply: no snapshot, `count` revocations each signed by `key` (not the system key)."""
     rev = Revocation(cluster_id, timefmt.now_ns(), (key.peer_id,), "x").sign(key)
-    return {"snapshot": None, "revocations": [rev.to_dict()] * count}
+    return pull_reply([rev] * count)
 
 
 def snapshot_reply(env: Envelope) -> dict[str, Any]:
-    """A pull reply carrying `env` and no revocations."""
-    return {"snapshot": env.to_dict(), "revocations": []}
+    """A pull reply carrying `env` alone."""
+    return pull_reply([env])
+
+
+def pull_reply(envelopes: list[Envelope]) -> dict[str, Any]:
+    """A complete document-pull reply (one round: nothing more, no have lists wanted)."""
+    return {"docs": [env.to_dict() for env in envelopes], "need_have": [], "more": False}

@@ -1,6 +1,6 @@
-"""A hostile peer that *serves*: whoever pulls membership from it gets a poisoned reply.
+"""A hostile peer that *serves*: whoever pulls documents from it gets a poisoned reply.
 
-The node pulls `/p2pnode/membership/1.0.0` from every peer it connects to, in either direction:
+The node pulls `/p2pnode/doc-pull/1.0.0` from every peer it connects to, in either direction:
 from a peer that dialed it, and from a bootstrap peer it dialed itself. `HostileServer` is a real
 host (`p2pnode.host.open_host`) listening on loopback whose pull handler answers with a reply an
 attack chose (a shared-reference snapshot, 1,000 bogus revocations). After answering it drops the
@@ -20,16 +20,16 @@ from typing import Any
 import trio
 
 from p2pnode import codec
-from p2pnode.cluster.membership import MAX_MESSAGE, PULL
 from p2pnode.host import Connection, Host, HostConfig, open_host
 from p2pnode.identity import KeyPair, PeerId
 from p2pnode.multiaddr import Multiaddr
+from p2pnode.platform.bus import PULL, PULL_LIMITS
 from p2pnode.streamio import MessageReader, send_message
 
 from .wire import close_connection
 
 
-HARMLESS_REPLY = codec.encode({"snapshot": None, "revocations": []})
+HARMLESS_REPLY = codec.encode({"docs": [], "need_have": [], "more": False})
 
 
 class HostileServer:
@@ -65,8 +65,8 @@ class HostileServer:
         armed = self.armed
         try:
             with trio.fail_after(30):
-                await MessageReader(stream, MAX_MESSAGE).one()
-                await send_message(stream, self.reply if armed else HARMLESS_REPLY, MAX_MESSAGE)
+                await MessageReader(stream, PULL_LIMITS.max_request).one()
+                await send_message(stream, self.reply if armed else HARMLESS_REPLY, PULL_LIMITS.max_reply)
         except Exception:
             self.failed += armed
             raise

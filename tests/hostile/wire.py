@@ -15,8 +15,8 @@ import trio
 from p2pnode.host import Connection
 from p2pnode.identity import KeyPair, PeerId
 from p2pnode.transport import noise, yamux
-from p2pnode.transport.negotiate import select
-from p2pnode.transport.secure import noise_handshake
+from p2pnode.transport.multistream_trio import select
+from p2pnode.transport.noise_trio import handshake
 
 NOISE_PROTOCOL: str = noise.PROTOCOL_ID
 YAMUX_PROTOCOL: str = yamux.PROTOCOL_ID
@@ -31,7 +31,7 @@ async def secure_and_select_yamux(
     Returns the encrypted channel (send_all encrypts, receive_some decrypts) and the plaintext
     already read past the muxer negotiation (the start of the peer's yamux frames)."""
     agreed = await select(raw, [NOISE_PROTOCOL])
-    secure = await noise_handshake(raw, identity, initiator=True, expected_peer=expected_peer, initial=agreed.trailing)
+    secure = await handshake(raw, identity, initiator=True, expected_peer=expected_peer, initial=agreed.trailing)
     muxer = await select(secure, [YAMUX_PROTOCOL])
     return secure, muxer.trailing
 
