@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hostile.attacks import ATTACKS
-from hostile.harness import TARGETS, Measurement, run_attack
+from hostile.harness import PRIORITY_BOOST, TARGETS, Measurement, run_attack
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -98,6 +98,9 @@ async def main(args: argparse.Namespace) -> int:
     budget = TARGETS.log_bytes_per_30s * (args.seconds + args.settle) / 30 / 1024
     print(f"\n(log budget: 1 MiB per 30 s of attack = {budget:.0f} KiB for {args.seconds:g} s + {args.settle:g} s settle;"
           f" pings: {TARGETS.failed_pings} failures allowed, a ping over 1 s is a failure)")
+    boosted = sum(m.boosted for m in rows)
+    print(f"(the node and the good peer ran at nice {PRIORITY_BOOST} in their own autogroups, above the attacker and"
+          f" other jobs: {boosted} of {len(rows)} attacks; without, pings also measure CPU the node was not given)")
     if args.json:
         Path(args.json).write_text(json.dumps([m.to_json() for m in rows], indent=2))
     return 0 if all(not m.failures() for m in rows) else 1
