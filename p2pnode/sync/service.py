@@ -47,7 +47,7 @@ from ..platform.bus import LWW, Accepted, DocumentType
 from ..platform.db import Database, StoreError
 from ..platform.service import ControlRequest, Route, Service, ServiceContext
 from ..deploy.runner import BoundedLog, run_argv
-from .apply import ApplyError, ApplyReport, DiskFull, NotAllowed, check_allowed, sync_folder
+from .apply import ApplyError, ApplyReport, NotAllowed, check_allowed, sync_folder
 from .blockstore import read_block, read_verified
 from .documents import (
     FAILED, FOLDER, PENDING, REFUSED, RETRYING, RUNNING, SOURCE, SOURCE_ERROR, STATE, SUCCESS, SYNC_DEGRADED,
@@ -571,7 +571,10 @@ class ReceiverRun(_Run):
                 if not await self._work_on(desired):
                     continue
             await self._publish(self._status())
-            await svc.changed(60.0 if head is None else 30.0)
+            wait = 60.0 if head is None else 30.0
+            if self.task is not None and self.task.status == RETRYING:
+                wait = min(wait, max(0.0, (self.task.next_retry_at_ns - svc.ctx.clock.now_ns()) / 1e9))
+            await svc.changed(wait)
 
     def _task_open(self) -> bool:
         return self.task is not None and self.task.status in (PENDING, RUNNING, RETRYING)
@@ -604,7 +607,7 @@ class ReceiverRun(_Run):
                 if svc.ctx.host.connection_to(peer) is None:
                     continue
                 try:
-                    progressed = await self._fetch_chunks(peer, head[0], after)
+                    progressed = await self.fetch_chunks(peer, head[0], after)
                 except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.info(fmt("sync_index_fetch_failed", folder=config.id, peer=peer, reason=str(exc)))
                     continue
@@ -614,7 +617,9 @@ class ReceiverRun(_Run):
                 return head  # nobody reachable has more now; the next change wakes us
         return head
 
-    async def _fetch_chunks(self, peer: PeerId, index_id: int, after: int) -> bool:
+    async def fetch_chunks(self, peer: PeerId, index_id: int, after: int) -> bool:
+        """Ask `peer` (the source or a relay) for the chunks after `after`; keep those the source
+        signed. Returns whether this node's copy of the index moved on."""
         svc, config = self.svc, self.config
         reply = await rpc.request(svc.ctx.host, peer, PROTOCOL, {"op": "index", "folder": config.id, "index_id": index_id,
                                                                   "after": after}, LIMITS)
@@ -747,18 +752,22 @@ class ReceiverRun(_Run):
 
         async def fetch(digest: bytes, size: int) -> bytes:
             preferred, others = svc.block_sources(config, digest, *desired)
-            data, _ = await svc.ctx.blocks.fetch(digest, preferred, others)
+            data, _ = await svc.ctx.blocks.fetch(digest, preferred, others, size=size)
             return data
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._progress_ticker)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._progress_ticker)
+            try:
                 report = await sync_folder(svc.db, svc.repo, config, self.target, fetch, allowed_roots=svc.allowed_roots,
                                            observer=_Observer(self), rotate=rotate,
                                            max_inflight_bytes=svc.ctx.config.sync.max_bytes_in_flight)
+            except (ApplyError, OSError, BlockUnavailable) as exc:  # ApplyError covers DiskFull, NotAllowed
+                failure = exc
+            finally:
                 nursery.cancel_scope.cancel()
-        except (ApplyError, DiskFull, NotAllowed, OSError, BlockUnavailable) as exc:
-            return exc
+        if failure is not None:
+            return failure
         if not report.ok:
             first = report.errors[0] if report.errors else ("", "")
             return ApplyError(f"{report.error_count} entries failed, e.g. {first[0]}: {first[1]}")
