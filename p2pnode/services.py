@@ -15,6 +15,7 @@ from .cluster.status import StatusService
 from .platform.blocks import BlockService
 from .platform.documents_service import DocumentService
 from .platform.service import Service, ServiceContext
+from .sync.service import SyncService
 
 
 def build(ctx: ServiceContext, resolver: bootstrap.Resolver) -> list[Service]:
@@ -28,6 +29,7 @@ def build(ctx: ServiceContext, resolver: bootstrap.Resolver) -> list[Service]:
         HeartbeatService(ctx, membership, health),
         ConnectivityService(ctx, membership, resolver),
         BlockService(ctx.blocks),
+        SyncService(ctx, membership),
         StatusService(ctx, membership, health, lambda: services),
     ]
     return services
