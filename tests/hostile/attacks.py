@@ -404,6 +404,31 @@ async def junk_handshakes(target: Target, seconds: float, *, parallel: int = 16)
     return dict(counts)
 
 
+async def duplicate_connections(target: Target, seconds: float, *, parallel: int = 32, hold: float = 0.02) -> Counts:
+    """Authenticated connections all as one identity, `parallel` at a time, each held for `hold`
+    seconds: every new one makes the node choose between two connections to the same peer."""
+    counts: Counter[str] = Counter()
+    identity = KeyPair.generate()
+
+    async def slot(_: int) -> None:
+        while True:
+            try:
+                mux = await _raw_session(target, identity)
+            except NET_ERRORS:
+                counts["failed"] += 1
+                await trio.sleep(0.05)
+                continue
+            counts["connections"] += 1
+            try:
+                with trio.move_on_after(hold):
+                    await mux.serve()
+            finally:
+                await mux.aclose()
+
+    await _run_slots(seconds, parallel, slot)
+    return dict(counts)
+
+
 async def revocations_pull(target: Target, seconds: float, *, count: int = 1000) -> Counts:
     """Serve 1,000 revocations not signed by the system key to the node's on-connect pull."""
     key = KeyPair.generate()
@@ -524,6 +549,7 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in [
     Attack("ping-flood", "yamux pings whose pongs are never read", ping_flood),
     Attack("syn-flood", "yamux SYNs past the 256-stream limit", syn_flood),
     Attack("junk-handshakes", "connections with a broken multistream/Noise handshake", junk_handshakes),
+    Attack("duplicate-connections", "authenticated connections, all as one identity", duplicate_connections),
     Attack("revocations-pull", "pull reply with 1,000 revocations not signed by the system key", revocations_pull),
     Attack("identity-churn", "authenticated connections, a new identity each", identity_churn),
     Attack("idle-connections", "1,000 authenticated idle non-member connections", idle_connections),
