@@ -370,7 +370,8 @@ class Host:
         for c in live:
             if c is not keep:
                 c.superseded = True
-                log.info(fmt("connection_superseded", peer=peer_id, direction=c.direction))
+                level = logging.INFO if c.protected else logging.DEBUG  # a stranger can connect twice at will
+                log.log(level, fmt("connection_superseded", peer=peer_id, direction=c.direction))
                 if c is not new and self._nursery is not None:
                     self._nursery.start_soon(self._drain, c)
 
