@@ -9,7 +9,7 @@ the bytes it logged, whether it survived (alive and answering its control socket
 PASS/FAIL per target: no failed ping, p99 < 100 ms, peak RSS < 200 MiB, log < 1 MiB per 30 s.
 A ping that takes over 1 s counts as failed.
 
-    python benchmarks/hostile.py                       # every attack, 30 s each (~8 min)
+    python benchmarks/hostile.py                       # every attack, 30 s each (~9 min)
     python benchmarks/hostile.py --seconds 10          # shorter
     python benchmarks/hostile.py --only ping-flood --only syn-flood
     python benchmarks/hostile.py --list                # the attacks and what each does
@@ -17,10 +17,12 @@ A ping that takes over 1 s counts as failed.
     python benchmarks/hostile.py --json out.json       # also write every measurement as JSON
 
 Needs: the package installed in the running interpreter (`pip install -e .`), Linux /proc, free
-loopback ports 20000-32000, ~1.5 GB of free memory for the memory attacks against today's code,
-and `ulimit -n` above ~2,100 (the idle-connections attack holds 1,000 connections; this script
-raises its soft limit to the hard one). The attacker, the node and the good peer share the
-machine's cores: on a busy machine, read CPU-bound figures with that in mind. Every process it
+loopback ports 20000-32000, ~1.5 GB of free memory for the memory attacks against a node without
+issue 8's limits, and `ulimit -n` above ~2,100 (the idle-connections attack holds 1,000
+connections; this script raises its soft limit to the hard one). The attacker, the node and the
+good peer share the machine's cores: the node and the good peer run at a higher CPU priority
+(nice -10, in autogroups of their own) when allowed, so that the attacker's CPU and other jobs on
+the machine are not counted against the node; the last line says whether they did. Every process it
 starts is stopped at the end of its attack, on Ctrl-C, SIGTERM or any failure (and is killed by
 the kernel if this script is killed).
 """
