@@ -616,8 +616,8 @@ class Applier:
             return
         async with trio.open_nursery() as nursery:
             for b in _rotated(todo, self.rotate):
-                if op.error is not None:
-                    break
+                if op.error is not None and not isinstance(op.error, FetchFailed):
+                    break  # a block that could not be fetched does not stop the others: they are kept for the resume
                 await self._budget.acquire(b.size)
                 nursery.start_soon(self._fetch_one, fw, op, b, report)
         if op.error is not None:

@@ -23,6 +23,7 @@ Spec: protocols/sync.md.
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import os
 import random
@@ -69,6 +70,7 @@ HAVE_INTERVAL = 0.25
 PROGRESS_INTERVAL = 2.0
 POST_SYNC_TIMEOUT = 600.0
 MAX_INDEX_ROUNDS = 10_000
+SWARM_WAIT = 1.0  # a block others may soon have waits at most this long per look before asking the source
 
 log = logging.getLogger("p2pnode.sync")
 
@@ -91,6 +93,7 @@ class SyncService(Service):
         self.partial_blocks: dict[bytes, tuple[str, str, int, int]] = {}
         self._temp_blocks: dict[tuple[str, str], list[bytes]] = {}
         self._have_out: dict[str, list[bytes]] = {}
+        self._have_events: dict[str, trio.Event] = {}
         self.counters: Counter[str] = Counter()
         self._changed = trio.Event()
         self._saved: dict[str, FolderTasks] = {}
@@ -197,7 +200,7 @@ class SyncService(Service):
                 wanted[folder_id] = ReceiverRun(self, config, target)
         for folder_id, run in list(self.runs.items()):
             new = wanted.get(folder_id)
-            if new is None or type(new) is not type(run) or new.config != run.config:
+            if new is None or type(new) is not type(run) or new.config != run.config or run.finished:
                 run.scope.cancel()
                 del self.runs[folder_id]
         for folder_id, run in wanted.items():
@@ -218,6 +221,9 @@ class SyncService(Service):
             peer_have = self.have.setdefault(folder, {}).setdefault(conn.peer_id, set())
             if folder in self.folders and len(peer_have) + len(hashes) <= MAX_HAVE_PER_PEER:
                 peer_have.update(hashes)
+                event = self._have_events.pop(folder, None)
+                if event is not None:
+                    event.set()
             return {}
         raise DecodeError(f"sync request: unknown op {op!r}")
 
@@ -259,7 +265,8 @@ class SyncService(Service):
             return None
         folder, temp, offset, size = spot
         root = await self.db.read(lambda c: self.repo.root(c, folder))
-        return await trio.to_thread.run_sync(read_verified, [(BlockLocation(folder, temp, offset, size), root)], digest)
+        return await trio.to_thread.run_sync(
+            functools.partial(read_verified, [(BlockLocation(folder, temp, offset, size), root)], digest, temp=True))
 
     # -- what a receiver tells the others while it writes ---------------------------------------------
     def note_blocks(self, folder: str, temp: str, blocks: Sequence[BlockPlan]) -> None:
@@ -298,6 +305,22 @@ class SyncService(Service):
             await rpc.request(self.ctx.host, peer, PROTOCOL, message, LIMITS)
         except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug(fmt("sync_have_failed", peer=peer, reason=str(exc)))
+
+    def have_arrived(self, folder: str) -> trio.Event:
+        """Set when another receiver next announces blocks of `folder`."""
+        event = self._have_events.get(folder)
+        if event is None:
+            event = self._have_events[folder] = trio.Event()
+        return event
+
+    def others_busy(self, config: FolderConfig) -> bool:
+        """Whether another receiver is applying this folder right now (it may bring blocks we need)."""
+        for target in config.nodes:
+            if target.node_id != self.me and self.ctx.host.connection_to(target.node_id) is not None:
+                st = self.state_of(config.id, target.node_id)
+                if st is not None and st.status == RUNNING:
+                    return True
+        return False
 
     # -- block sources ----------------------------------------------------------------------------
     def block_sources(self, config: FolderConfig, digest: bytes, index_id: int, seq: int) -> tuple[list[PeerId], list[PeerId]]:
@@ -439,13 +462,19 @@ class _Run(abc.ABC):
         self.svc = svc
         self.config = config
         self.scope = trio.CancelScope()
+        self.finished = False
 
     async def main(self) -> None:
         with self.scope:
             try:
                 await self.run()
-            except StoreError as exc:  # sync.db refused a write: the run starts again later
-                log.error(fmt("sync_store_failed", folder=self.config.id, error=str(exc)))
+            except StoreError as exc:  # sync.db refused a write: the supervisor starts the run again
+                if not self.svc.db.closed:  # (closed: the node is stopping)
+                    log.error(fmt("sync_store_failed", folder=self.config.id, error=str(exc), retry_in="10s"))
+                    await trio.sleep(10)
+            finally:
+                self.finished = True
+                self.svc.wake()
 
     @abc.abstractmethod
     async def run(self) -> None: ...
@@ -751,9 +780,26 @@ class ReceiverRun(_Run):
         self._t0 = trio.current_time()
 
         async def fetch(digest: bytes, size: int) -> bytes:
-            preferred, others = svc.block_sources(config, digest, *desired)
-            data, _ = await svc.ctx.blocks.fetch(digest, preferred, others, size=size)
-            return data
+            # Swarming: ask the source only for blocks nobody else has, and only while it has room
+            # for us; otherwise wait for another receiver to announce the block (or for room).
+            blocks = svc.ctx.blocks
+            while True:
+                preferred, others = svc.block_sources(config, digest, *desired)
+                source_budget = blocks.budget(config.source)
+                if preferred or not svc.others_busy(config):
+                    data, _ = await blocks.fetch(digest, preferred, others, size=size)
+                    return data
+                if source_budget.try_acquire(size):
+                    data, _ = await blocks.fetch(digest, preferred, others, size=size, reserved=config.source)
+                    return data
+                with trio.move_on_after(SWARM_WAIT):
+                    async with trio.open_nursery() as waiting:
+                        async def first(wait: Any) -> None:
+                            await wait()
+                            waiting.cancel_scope.cancel()
+
+                        waiting.start_soon(first, source_budget.wait_released)
+                        waiting.start_soon(first, svc.have_arrived(config.id).wait)
 
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
