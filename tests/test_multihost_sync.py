@@ -3,7 +3,6 @@
 what they can get from each other, and finish once the source is back. Needs root (CI runs as root)."""
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
