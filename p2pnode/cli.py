@@ -26,6 +26,7 @@ from .multiaddr import Multiaddr
 from .node import Node
 from .stdproto import identify as identify_proto
 from .stdproto import ping as ping_proto
+from .sync import cli as sync_cli
 from .platform.db import StoreError
 from .trioutil import open_nursery_unwrapped
 
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     status.add_argument("--timeout", type=float, default=10.0)
     status.set_defaults(func=_status)
+
+    sync_cli.register(sub, default_data_dir())
     return parser
 
 

@@ -687,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-pubkey", help="check admin proofs and revocations against this system key")
     p.add_argument("--cluster", help="expected cluster ID")
     p.set_defaults(func=cmd_inspect)
+
+    from . import folder  # imports this module: registered here, once it is loaded
+    folder.register(sub, common, net)
     return parser
 
 
