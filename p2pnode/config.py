@@ -40,12 +40,10 @@ class SyncConfig:
     """`sync` section: where this node lets folder sync read and write, whatever an admin signs."""
 
     allowed_roots: tuple[Path, ...] = ()  # empty: this node takes part in no folder
-    rescan_interval: float = 3600.0  # seconds between full rescans of a source folder (safety net for the watcher)
     max_bytes_in_flight: int = 32 << 20  # per folder, while pulling blocks
 
     def to_json(self) -> dict[str, Any]:
-        return {"allowed_roots": [str(p) for p in self.allowed_roots], "rescan_interval": self.rescan_interval,
-                "max_bytes_in_flight": self.max_bytes_in_flight}
+        return {"allowed_roots": [str(p) for p in self.allowed_roots], "max_bytes_in_flight": self.max_bytes_in_flight}
 
 
 @attrs.frozen
@@ -209,11 +207,6 @@ def _sync_section(raw: Any) -> SyncConfig:
     kw: dict[str, Any] = {}
     if "allowed_roots" in raw:
         kw["allowed_roots"] = _roots("sync.allowed_roots", raw["allowed_roots"])
-    if "rescan_interval" in raw:
-        value = raw["rescan_interval"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 10 <= value <= 7 * 86400:
-            raise _fail("sync.rescan_interval", value, "expected seconds between 10 and 604800")
-        kw["rescan_interval"] = float(value)
     if "max_bytes_in_flight" in raw:
         value = raw["max_bytes_in_flight"]
         if isinstance(value, bool) or not isinstance(value, int) or not (1 << 20) <= value <= (1 << 30):

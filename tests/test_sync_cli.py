@@ -174,7 +174,7 @@ async def test_trigger_on_a_source_that_refuses_its_folder(mesh, tmp_path):
     await wait_for(lambda: (st := src.node.service(SyncService).state_of("site", src.peer_id)) is not None and st.status == "REFUSED",
                    what="the source refuses")
     code, _, err = await sync("trigger", "site", "--wait", "--data-dir", str(src.data_dir))
-    assert code == 1 and f"the source refuses folder site: folder site: target_path {outside} is not under" in err
+    assert code == 1 and f"the source refuses folder site: folder site: source_path {outside} is not under" in err
     code, out, _ = await sync("status", "--data-dir", str(src.data_dir))
     assert code == 0 and "(REFUSED)" in out and "source error: folder site:" in out
 

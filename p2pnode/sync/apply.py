@@ -85,7 +85,7 @@ class FetchFailed(ApplyError):
     """The block source could not provide a block."""
 
 
-def check_allowed(folder_id: str, target_path: str, allowed_roots: Sequence[str]) -> str:
+def check_allowed(folder_id: str, target_path: str, allowed_roots: Sequence[str], *, what: str = "target_path") -> str:
     """The real path of target_path if it lies under one of `allowed_roots`; NotAllowed otherwise."""
     real = os.path.realpath(target_path)
     for root in allowed_roots:
@@ -94,9 +94,9 @@ def check_allowed(folder_id: str, target_path: str, allowed_roots: Sequence[str]
             return real
     shown = ", ".join(allowed_roots) if allowed_roots else "none configured"
     raise NotAllowed(
-        f"folder {folder_id}: target_path {target_path} is not under any of this node's sync.allowed_roots ({shown}); "
-        "this node will not write there. Add a parent directory to sync.allowed_roots in this node's config, "
-        "or have an admin change the folder's target_path"
+        f"folder {folder_id}: {what} {target_path} is not under any of this node's sync.allowed_roots ({shown}); "
+        f"this node will not {'read' if what == 'source_path' else 'write'} there. Add a parent directory to "
+        f"sync.allowed_roots in this node's config, or have an admin change the folder's {what}"
     )
 
 

@@ -96,7 +96,6 @@ class SyncService(Service):
         self._have_events: dict[str, trio.Event] = {}
         self.counters: Counter[str] = Counter()
         self._changed = trio.Event()
-        self._saved: dict[str, FolderTasks] = {}
         self._last_issued: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         ctx.bus.register(DocumentType(
@@ -179,7 +178,6 @@ class SyncService(Service):
     async def load(self) -> None:
         self._db = await self.ctx.databases.open("sync.db", MIGRATIONS)
         self.tasks = TaskStore(self._db)
-        self._saved = await self.tasks.load()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -357,7 +355,8 @@ class SyncService(Service):
             Route("GET", "/sync/status", self._route_status, "?folder=ID: every folder's source version and each receiver's state"),
             Route("GET", "/sync/tasks", self._route_tasks, "?folder=ID&node=PEER: receivers' current tasks (+ this node's history)"),
             Route("GET", "/sync/log", self._route_log, "?task=ID: a task's log"),
-            Route("POST", "/sync/trigger", self._route_trigger, 'body {"folder": ID}: rescan now (on the source) and publish'),
+            Route("POST", "/sync/trigger", self._route_trigger, 'body {"folder": ID}: rescan now (on the source) and publish',
+                  timeout=3600.0),
         ]
 
     def folder_view(self, config: FolderConfig) -> dict[str, Any]:
@@ -485,12 +484,15 @@ class SourceRun(_Run):
 
     index_id = 0
     published_seq = 0
+    scanner: Scanner | None = None
+    refusal: NotAllowed | None = None
 
     async def run(self) -> None:
         svc, config = self.svc, self.config
         try:
-            root = check_allowed(config.id, config.source_path, svc.allowed_roots)
+            root = check_allowed(config.id, config.source_path, svc.allowed_roots, what="source_path")
         except NotAllowed as exc:
+            self.refusal = exc
             await self._publish(REFUSED, str(exc))
             log.warning(fmt("sync_folder_refused", folder=config.id, role="source", reason=str(exc)))
             await trio.sleep_forever()
@@ -517,6 +519,7 @@ class SourceRun(_Run):
             await trio.sleep(self.config.rescan_interval_s)
 
     async def _watch(self) -> None:
+        assert self.scanner is not None
         while True:
             try:
                 await Watcher(self.scanner).run()
@@ -526,6 +529,10 @@ class SourceRun(_Run):
 
     async def trigger(self, report_errors: bool = False) -> int:
         """A full rescan now; returns how many entries changed."""
+        if self.refusal is not None:
+            raise self.refusal
+        if self.scanner is None:
+            raise ScanError(f"folder {self.config.id} is still starting on this node; try again in a moment")
         self.svc.counters["rescans"] += 1
         try:
             report = await self.scanner.full_scan()
@@ -571,9 +578,8 @@ class ReceiverRun(_Run):
     def __init__(self, svc: SyncService, config: FolderConfig, target: NodeTarget):
         super().__init__(svc, config)
         self.target = target
-        saved = svc._saved.get(config.id, FolderTasks())
-        self.applied = (saved.applied_index_id, saved.applied_seq)
-        self.task: TaskInfo | None = saved.task
+        self.applied = (0, 0)
+        self.task: TaskInfo | None = None
         self.error = ""
         self._t0 = 0.0
 
@@ -583,6 +589,10 @@ class ReceiverRun(_Run):
 
     async def run(self) -> None:
         svc, config = self.svc, self.config
+        assert svc.tasks is not None
+        saved = (await svc.tasks.load()).get(config.id, FolderTasks())  # as stored: a restart resumes it
+        self.applied = (saved.applied_index_id, saved.applied_seq)
+        self.task = saved.task
         try:
             check_allowed(config.id, self.target.target_path, svc.allowed_roots)
         except NotAllowed as exc:
