@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -17,6 +17,9 @@ from .errors import DecodeError, P2PNodeError
 from .fsutil import atomic_write
 from .identity import PublicKey
 from .multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .deploy.config import DeployConfig
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4100/ws")  # one port: TCP and WebSocket
 NETWORK_MODES = ("public", "private", "auto")
@@ -47,6 +50,12 @@ class SyncConfig:
                 "max_bytes_in_flight": self.max_bytes_in_flight}
 
 
+def _no_deploys() -> DeployConfig:
+    from .deploy.config import DeployConfig  # here: p2pnode.deploy.config imports this module
+
+    return DeployConfig()
+
+
 @attrs.frozen
 class NodeConfig:
     data_dir: Path
@@ -61,6 +70,7 @@ class NodeConfig:
     log_level: str = "info"
     public_status: bool = False
     sync: SyncConfig = SyncConfig()
+    deploy: DeployConfig = attrs.field(factory=_no_deploys)  # `deploy` section: p2pnode/deploy/config.py
 
     @property
     def key_path(self) -> Path:
@@ -80,6 +90,7 @@ class NodeConfig:
             "log_level": self.log_level,
             "public_status": self.public_status,
             "sync": self.sync.to_json(),
+            "deploy": self.deploy.to_json(),
         }
 
 
@@ -182,6 +193,10 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         kw["public_status"] = raw["public_status"]
     if "sync" in raw:
         kw["sync"] = _sync_section(raw["sync"])
+    if "deploy" in raw:
+        from .deploy import config as deploy_config
+
+        kw["deploy"] = deploy_config.parse(raw["deploy"], data_dir)
     return NodeConfig(data_dir=data_dir, **kw)
 
 
