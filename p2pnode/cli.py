@@ -16,6 +16,7 @@ import trio
 from . import __version__, control, datadir, logfmt
 from .cluster.status import fetch_status
 from .config import CONFIG_NAME, ConfigError, load_or_create, parse
+from .deploy import cli as deploy_cli
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
 from .fsutil import atomic_write
 from .host import open_client
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     status.add_argument("--timeout", type=float, default=10.0)
     status.set_defaults(func=_status)
+
+    deploy_cli.add_parser(sub, default_data_dir)  # p2pnode deploy status|list|logs
     return parser
 
 

@@ -123,3 +123,43 @@ def summary(rec: dict[str, Any]) -> dict[str, Any]:
     out = {k: rec[k] for k in keep if k in rec}
     out["targets"] = len(rec.get("nodes", ()))
     return out
+
+
+# ---- text, for the CLIs ------------------------------------------------------------------------------
+
+def node_line(row: dict[str, Any]) -> str:
+    name = row.get("name") or row["peer_id"][-8:]
+    wave = "-" if row.get("wave") is None else str(row["wave"] + 1)
+    status = row.get("status") or row.get("verdict") or "waiting"
+    said = row.get("message") or row.get("stage") or ""
+    if row.get("verdict") in (MISSED, LATE, HALTED) and row.get("verdict") != status:
+        said = f"[{row['verdict']}] {said}"
+    return f"  {name:<14} wave {wave:<3} {status:<15} {row.get('progress') or 0:>3}%  {said}"[:200]
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    head = f"deploy {rec['deploy_id']}  {rec.get('type', '?')} {rec.get('app', '?')} {rec.get('version') or ''}".rstrip()
+    lines = [head, f"state  {rec['state']}{'' if rec.get('settled') else ' (in progress)'}"]
+    if rec.get("known"):
+        ro = rec.get("rollout", {})
+        lines.append(f"issued {rec.get('issued_at')} by {rec.get('issuer', '')[-8:]} ({rec.get('issuer_role')}); "
+                     f"{len(rec.get('waves', []))} wave(s) of at most {ro.get('max_parallel')}, max_failures {ro.get('max_failures')}, "
+                     f"auto_revert {'on' if ro.get('auto_revert') else 'off'}")
+    else:
+        lines.append("(this node does not hold the command; showing the reports it has)")
+    if rec.get("reason"):
+        lines.append(rec["reason"])
+    lines += [node_line(row) for row in rec.get("nodes", [])]
+    return "\n".join(lines)
+
+
+def format_list(deploys: list[dict[str, Any]]) -> str:
+    if not deploys:
+        return "no deploys"
+    rows = [("DEPLOY", "TYPE", "APP", "VERSION", "STATE", "NODES", "ISSUED")]
+    for d in deploys:
+        counts = d.get("counts", {})
+        rows.append((d["deploy_id"], d.get("type", "?"), d.get("app", "?"), d.get("version") or "-", d["state"],
+                     " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "-", d.get("issued_at") or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -608,7 +608,13 @@ class DeployService(Service):
             return {"deploys": _cbor_safe(self.list(f.text("app", optional=True, max_len=200), f.text("node", optional=True, max_len=128),
                                                     limit))}
         if op == "log":
-            return {"peer_id": self.me, "log": await self.log_of(f.text("deploy_id", max_len=128))}
+            deploy_id, node = f.text("deploy_id", max_len=128), f.text("node", optional=True, max_len=128)
+            if node is None:
+                return {"peer_id": self.me, "log": await self.log_of(deploy_id), "source": "node"}
+            try:
+                return await self.remote_log(deploy_id, self.resolve_node(node))
+            except DeployError as exc:
+                return {"error": str(exc)}
         return {"error": f"unknown op {op!r}"}
 
     # ---- status and control API ------------------------------------------------------------------------
