@@ -69,7 +69,7 @@ class Resolver:
 
     async def ips(self, name: str, family: int = socket.AF_UNSPEC) -> list[str]:
         """A and/or AAAA addresses of `name` (for /dns, /dns4, /dns6 at dial time)."""
-        types = {socket.AF_INET: ["A"], socket.AF_INET6: ["AAAA"]}.get(family, ["A", "AAAA"])
+        types = {int(socket.AF_INET): ["A"], int(socket.AF_INET6): ["AAAA"]}.get(int(family), ["A", "AAAA"])
         out: list[str] = []
         errors = []
         for rtype in types:
@@ -111,7 +111,7 @@ async def resolve_dnsaddr(resolver: Resolver, domain: str, depth: int = 0) -> li
         if addr is None:
             continue
         if addr.protocols()[0] == "dnsaddr":
-            nested = await resolve_dnsaddr(resolver, addr.value_for("dnsaddr"), depth + 1)
+            nested = await resolve_dnsaddr(resolver, addr.value_for("dnsaddr") or "", depth + 1)
             want = addr.peer_id
             out += [a for a in nested if want is None or a.peer_id == want]
         else:
@@ -143,7 +143,7 @@ async def resolve_init_connections(resolver: Resolver, entries) -> dict[PeerId |
             else:
                 addr = Multiaddr.parse(entry.value)
                 if addr.protocols()[0] == "dnsaddr":
-                    addrs += await resolve_dnsaddr(resolver, addr.value_for("dnsaddr"))
+                    addrs += await resolve_dnsaddr(resolver, addr.value_for("dnsaddr") or "")
                 else:
                     addrs.append(addr)
         except (BootstrapError, DecodeError) as exc:

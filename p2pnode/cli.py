@@ -9,12 +9,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import attrs
 import trio
 
 from . import __version__, control, datadir, logfmt
 from .cluster.status import fetch_status
+from .platform.rpc import RequestRefused
 from .config import CONFIG_NAME, ConfigError, load_or_create, parse
 from .deploy import cli as deploy_cli
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
@@ -153,11 +155,7 @@ async def _init(args: argparse.Namespace) -> int:
 
 async def _status(args: argparse.Namespace) -> int:
     if args.peer:
-        addr = _parse_addr(args.peer)
-        async with open_client() as host:
-            with trio.fail_after(args.timeout):
-                conn = await host.connect(addr)
-                view = await fetch_status(host, conn, members=True)
+        view = await _peer_status(args)
     else:
         path = Path(args.data_dir) / control.SOCKET_NAME
         with trio.fail_after(args.timeout):
@@ -169,6 +167,30 @@ async def _status(args: argparse.Namespace) -> int:
     else:
         print(format_status(view))
     return 0
+
+
+async def _peer_status(args: argparse.Namespace) -> dict:
+    """Another node's status. Nodes answer members only (unless public_status), so when a node runs
+    with this data dir it asks for us over its own connection; otherwise we dial directly."""
+    path = Path(args.data_dir) / control.SOCKET_NAME
+    if path.exists():
+        target = quote(args.peer, safe="")
+        with trio.fail_after(args.timeout):
+            code, view = await control.request(path, "GET", f"/peer-status?members=1&peer={target}")
+        if code != 200:
+            raise control.ControlError(view.get("error", f"HTTP {code}"))
+        return view
+    addr = _parse_addr(args.peer)
+    async with open_client() as host:
+        with trio.fail_after(args.timeout):
+            conn = await host.connect(addr)
+            try:
+                return await fetch_status(host, conn, members=True)
+            except RequestRefused:
+                raise P2PNodeError(
+                    f"{conn.peer_id} answers status only to members of its cluster: run this on a member "
+                    "(with --data-dir of its running node, which asks for you), or set public_status on that node"
+                ) from None
 
 
 def format_status(view: dict) -> str:
@@ -253,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         "usable only by the user running the node). With --peer MULTIADDR: ask that node over "
         "/p2pnode/status/1.0.0; its reply is signed and checked."))
     status.add_argument("--data-dir", default=default_data_dir(), help="the local node's data directory")
-    status.add_argument("--peer", metavar="MULTIADDR", help="ask a remote node instead of the local one")
+    status.add_argument("--peer", metavar="ADDR", help=(
+        "ask another node (a multiaddr, or a member's peer ID) instead of the local one; nodes answer members only, "
+        "so the local node (if one runs with --data-dir) asks for you, else it is dialed directly"))
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     status.add_argument("--timeout", type=float, default=10.0)
     status.set_defaults(func=_status)

@@ -15,6 +15,7 @@ import attrs
 
 from .errors import DecodeError, P2PNodeError
 from .fsutil import atomic_write
+from .host.resources import Limits, LimitsError, parse_limits
 from .identity import PublicKey
 from .multiaddr import Multiaddr
 
@@ -71,6 +72,7 @@ class NodeConfig:
     public_status: bool = False
     sync: SyncConfig = SyncConfig()
     deploy: DeployConfig = attrs.field(factory=_no_deploys)  # `deploy` section: p2pnode/deploy/config.py
+    limits: Limits = Limits()  # resource limits (p2pnode/host/resources.py); config.json keeps the changed ones
 
     @property
     def key_path(self) -> Path:
@@ -91,6 +93,7 @@ class NodeConfig:
             "public_status": self.public_status,
             "sync": self.sync.to_json(),
             "deploy": self.deploy.to_json(),
+            "limits": self.limits.to_json(),
         }
 
 
@@ -197,6 +200,11 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         from .deploy import config as deploy_config
 
         kw["deploy"] = deploy_config.parse(raw["deploy"], data_dir)
+    if "limits" in raw:
+        try:
+            kw["limits"] = parse_limits(raw["limits"])
+        except LimitsError as exc:
+            raise ConfigError(str(exc)) from None
     return NodeConfig(data_dir=data_dir, **kw)
 
 

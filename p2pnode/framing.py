@@ -5,6 +5,8 @@ as soon as the length prefix is complete, so an oversized frame is refused befor
 buffered.
 """
 
+from __future__ import annotations
+
 from . import varint
 from .errors import DecodeError, MessageTooLarge
 
@@ -22,9 +24,9 @@ class LengthPrefixedDecoder:
         self.max_size = max_size
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         self._buf += data
-        messages = []
+        messages: list[bytes] = []
         pos = 0
         buf = self._buf
         while True:
@@ -42,7 +44,7 @@ class LengthPrefixedDecoder:
             del buf[:pos]
         return messages
 
-    def next_message(self, data: bytes = b"") -> bytes | None:
+    def next_message(self, data: bytes | bytearray = b"") -> bytes | None:
         """Feed `data` and return at most one message, leaving the rest buffered."""
         self._buf += data
         header = varint.decode(self._buf, 0)
@@ -66,6 +68,12 @@ class LengthPrefixedDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def pending_length(self) -> int | None:
+        """The length the next, still incomplete, message announced (None until its prefix is complete)."""
+        header = varint.decode(self._buf, 0)
+        return header[0] if header is not None else None
 
 
 __all__ = ["DecodeError", "MessageTooLarge", "LengthPrefixedDecoder", "encode", "DEFAULT_MAX_MESSAGE"]

@@ -151,7 +151,7 @@ class Multiaddr:
         for name, value in self.components:
             proto = _BY_NAME[name]
             out += varint.encode(proto.code)
-            if proto.size == 0:
+            if proto.size == 0 or value is None:
                 continue
             raw = _value_to_bytes(proto, value)
             if proto.size < 0:

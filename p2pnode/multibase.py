@@ -1,6 +1,7 @@
 """The two multibase alphabets libp2p text forms use: base58btc (peer IDs) and base32 lower (CIDs)."""
 
 import base64
+import binascii
 
 from .errors import DecodeError
 
@@ -40,5 +41,5 @@ def b32decode_lower(text: str) -> bytes:
     padded = text.upper() + "=" * (-len(text) % 8)
     try:
         return base64.b32decode(padded)
-    except (ValueError, base64.binascii.Error) as exc:
+    except (ValueError, binascii.Error) as exc:
         raise DecodeError(f"invalid base32: {exc}") from None

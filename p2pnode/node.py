@@ -19,6 +19,7 @@ from .config import NodeConfig
 from .host import Host, HostConfig
 from .identity import KeyPair, load_or_create_key
 from .logfmt import fmt, limited
+from .multiaddr import Multiaddr
 from .platform import nodedb
 from .platform.blocks import BlockExchange
 from .platform.bus import DocumentBus
@@ -102,10 +103,15 @@ class Node:
         db = self.db = await Database.open(config.data_dir / "node.db", nodedb.MIGRATIONS, flush_interval=flush)
         databases = Databases(config.data_dir, flush)
         try:
-            host = self.host = Host(self.identity, HostConfig(listen=config.listen, upgrade=self.options.upgrade))
+            host = self.host = Host(self.identity, HostConfig(listen=config.listen, upgrade=self.options.upgrade, limits=config.limits))
             resolver = bootstrap.Resolver(config.dns_nameservers)
             host.name_resolver = resolver.ips if config.dns_nameservers else None
             roster = Roster(self.identity.peer_id)
+            bootstrap_peers = {a.peer_id for c in config.init_connections if c.type == "multiaddr"
+                               for a in [Multiaddr.parse(c.value)] if a.peer_id is not None}
+            # Members (and configured bootstrap peers) are exempt from the caps and idle close that
+            # the resource manager applies to strangers.
+            host.set_protected(lambda peer: roster.is_member(peer) or peer in bootstrap_peers)
             bus = self.bus = DocumentBus(host, DocumentStore(db), roster, self.options.clock)
             blocks = BlockExchange(host, roster)
             ctx = ServiceContext(self.identity, config, host, db, self.options.clock, bus, roster, databases, blocks)

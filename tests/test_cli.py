@@ -18,8 +18,13 @@ P2PNODE = [sys.executable, "-m", "p2pnode"]
 
 
 @pytest.fixture
-def node(tmp_path):
-    """A `p2pnode run` process on loopback; yields (process, [full multiaddrs])."""
+def node(tmp_path, request):
+    """A `p2pnode run` process on loopback; yields (process, [full multiaddrs]). A test that also
+    asks for `node_config` (e.g. parametrized) starts it with those config.json fields."""
+    config = request.getfixturevalue("node_config") if "node_config" in request.fixturenames else None
+    if config:
+        (tmp_path / "data").mkdir(mode=0o700)
+        (tmp_path / "data" / "config.json").write_text(json.dumps(config))
     tcp, ws = free_tcp_port(), free_tcp_port()
     proc = subprocess.Popen(
         P2PNODE + ["run", "--data-dir", str(tmp_path / "data"), "--listen", f"/ip4/127.0.0.1/tcp/{tcp}",
@@ -163,9 +168,18 @@ def test_status_local_and_remote(node, tmp_path):
     assert sorted(view["addrs"]) == sorted(addrs)
     table = run("status", "--data-dir", str(data))
     assert "state     unconfigured  (0 of 0 members online)" in table.stdout
-    remote = run("status", "--peer", addrs[0], "--json")
+    # nodes answer status to members only: a stranger is told why, in one line
+    remote = run("status", "--data-dir", str(tmp_path / "elsewhere"), "--peer", addrs[0], "--json")
+    assert remote.returncode == 1 and "answers status only to members" in remote.stderr and "Traceback" not in remote.stderr
+
+
+@pytest.mark.parametrize("node_config", [{"public_status": True}])
+def test_status_of_a_public_node_from_anywhere(node, node_config, tmp_path):
+    proc, addrs = node
+    remote = run("status", "--data-dir", str(tmp_path / "elsewhere"), "--peer", addrs[0], "--json")
     assert remote.returncode == 0, remote.stderr
-    assert json.loads(remote.stdout)["peer_id"] == view["peer_id"]
+    view = json.loads(remote.stdout)
+    assert view["peer_id"] == addrs[0].rsplit("/", 1)[1] and view["state"] == "unconfigured"
 
 
 def test_status_without_a_running_node_says_so(tmp_path):

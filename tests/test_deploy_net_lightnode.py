@@ -19,7 +19,7 @@ from p2pnode_admin import cli
 from p2pnode.identity import save_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lightnode"))
-import recipe  # noqa: E402
+import recipe
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIB{name}\n-----END CERTIFICATE-----\n"
 

@@ -161,7 +161,7 @@ async def _read_to_eof(stream, timeout: float = 5) -> bytes:
 
 async def _raw_client(addr: Multiaddr, nursery):
     """A hand-driven peer: a real upgrade, then yamux frames written by the test itself."""
-    stream, _, _ = await raw.dial(addr, nursery, 5)
+    stream, _, _ = await raw.dial(addr, 5)
     conn, _ = await upgrade(stream, KeyPair.generate(), initiator=True, expected_peer=None, limits=UpgradeLimits(), label="evil")
     return conn
 
@@ -245,7 +245,7 @@ async def test_clean_shutdown_sends_go_away_and_leaves_no_tasks(make_host):
         # a is gone: b saw its go-away, the connection closed, and the open stream fails cleanly
         with trio.fail_after(5):
             await conn.muxer.wait_closed()
-        assert conn.muxer.session.go_away_received == yamux.GO_AWAY_NORMAL
+        assert conn.muxer.core.go_away_received == yamux.GO_AWAY_NORMAL
         with pytest.raises((StreamReset, ConnectionClosed, trio.ClosedResourceError)):
             await stream.send_all(b"x" * 32)
         assert b.connections() == []
@@ -267,7 +267,7 @@ async def test_keepalive_measures_rtt(make_host):
             while conn.muxer.last_rtt is None:
                 await trio.sleep(0.01)
         assert 0 < conn.muxer.last_rtt < 1
-        assert conn.muxer.session.rtt == conn.muxer.last_rtt
+        assert conn.muxer.core.rtt == conn.muxer.last_rtt
 
 
 async def test_ws_and_tcp_on_one_host(make_host):
@@ -302,3 +302,27 @@ async def test_tcp_and_websocket_share_one_port(make_host):
         idle = await trio.open_tcp_stream("127.0.0.1", port)
         assert await ping.ping(b, b.connection_to(a.peer_id))
         await idle.aclose()
+
+
+async def test_websocket_client_may_send_frames_right_behind_its_upgrade_request(make_host):
+    """Bytes that arrive with the HTTP upgrade request (before our 101) are kept, not dropped."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, Request
+
+    async with make_host(LOOPBACK_WS) as a:
+        port = int(a.listen_addrs[0].value_for("tcp"))
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        proposal = b"\x13/multistream/1.0.0\n\x07/noise\n"
+        frame = bytes([0x82, 0x80 | len(proposal)]) + bytes(4) + proposal  # masked with key 0
+        await sock.send_all(ws.send(Request(host="localhost", target="/")) + frame)  # one write
+        got = b""
+        with trio.fail_after(5):
+            while proposal not in got:
+                ws.receive_data(await sock.receive_some())
+                for event in ws.events():
+                    assert isinstance(event, (AcceptConnection, BytesMessage))
+                    if isinstance(event, BytesMessage):
+                        got += event.data
+        assert got == proposal  # the listener's header, then /noise accepted
+        await sock.aclose()

@@ -84,8 +84,8 @@ async def test_a_large_snapshot_with_a_long_forwarded_to_is_forwarded_without_cr
     big = kit.snapshot([a.member(), b.member(), *filler])
     assert len(big.payload) > 3.45 * (1 << 20)
     strangers = [str(KeyPair.generate().peer_id) for _ in range(10_000)]
-    async with open_host(KeyPair.generate()) as admin:
-        verdict = await push(admin, await admin.connect(a.full_addr), big, forwarded_to=strangers)
+    async with open_host(kit.admin) as admin:  # large documents come from an admin showing its proof
+        verdict = await push(admin, await admin.connect(a.full_addr), big, forwarded_to=strangers, auth=kit.proof())
     assert verdict.result == "accepted"
     await wait_for(lambda: b.node.membership.current_envelope == big, what="b got the big snapshot")
     assert a.node.bus.forward_drops == 0

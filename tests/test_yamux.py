@@ -11,7 +11,13 @@ KiB = 1024
 
 
 def pair(**kw):
-    return y.YamuxSession(is_client=True, **kw), y.YamuxSession(is_client=False, **kw)
+    return y.YamuxCore(is_client=True, **kw), y.YamuxCore(is_client=False, **kw)
+
+
+def send(core: y.YamuxCore, sid: int, data: bytes) -> bytes:
+    """Queue data on `sid` and take everything queued (the data frames, after any control frames)."""
+    core.send_data(sid, data)
+    return core.data_to_send()
 
 
 def headers(wire: bytes):
@@ -39,24 +45,24 @@ def test_data_frames_carry_no_flags_and_fin_rst_ride_window_updates():
     c, s = pair()
     sid = c.open_stream()
     s.receive_data(c.data_to_send())
-    wire = c.send_data(sid, b"hello")
+    wire = send(c, sid, b"hello")
     assert headers(wire) == [(y.TYPE_DATA, 0, sid, 5)]
     assert s.receive_data(wire) == [y.DataReceived(sid, b"hello")]
-    c.close_stream(sid)
+    c.send_close(sid)
     fin = c.data_to_send()
     assert headers(fin) == [(y.TYPE_WINDOW_UPDATE, y.FLAG_FIN, sid, 0)]
     assert s.receive_data(fin) == [y.StreamEnded(sid)]
     # half-closed: the other direction still works
     c.receive_data(s.data_to_send())
-    assert c.receive_data(s.send_data(sid, b"back")) == [y.DataReceived(sid, b"back")]
-    s.reset_stream(sid)
+    assert c.receive_data(send(s, sid, b"back")) == [y.DataReceived(sid, b"back")]
+    s.send_reset(sid)
     rst = s.data_to_send()
     assert headers(rst) == [(y.TYPE_WINDOW_UPDATE, y.FLAG_RST, sid, 0)]
     assert c.receive_data(rst) == [y.StreamResetByPeer(sid)]
 
 
 def test_syn_on_a_data_frame_is_accepted():
-    s = y.YamuxSession(is_client=False)
+    s = y.YamuxCore(is_client=False)
     frame = y.encode_header(y.TYPE_DATA, y.FLAG_SYN, 1, 3) + b"abc"
     assert s.receive_data(frame) == [y.StreamOpened(1), y.DataReceived(1, b"abc")]
 
@@ -67,7 +73,7 @@ def test_window_update_is_a_delta():
     s.receive_data(c.data_to_send())
     c.receive_data(s.data_to_send())
     assert c.send_window(sid) == 256 * KiB
-    s.receive_data(c.send_data(sid, b"x" * 200 * KiB))
+    s.receive_data(send(c, sid, b"x" * 200 * KiB))
     assert c.send_window(sid) == 56 * KiB
     s.consume(sid, 200 * KiB, now=0.0)  # consumed ≥ half the window: grant it back
     grant = s.data_to_send()
@@ -81,7 +87,7 @@ def test_small_reads_do_not_send_an_update_per_read():
     sid = c.open_stream()
     s.receive_data(c.data_to_send())
     s.data_to_send()
-    s.receive_data(c.send_data(sid, b"x" * 1000))
+    s.receive_data(send(c, sid, b"x" * 1000))
     s.consume(sid, 1000, now=0.0)
     assert s.data_to_send() == b""
 
@@ -90,11 +96,11 @@ def test_sender_cannot_exceed_window():
     c, s = pair()
     sid = c.open_stream()
     with pytest.raises(ProtocolError, match="exceed the send window"):
-        c.send_data(sid, b"x" * (256 * KiB + 1))
+        send(c, sid, b"x" * (256 * KiB + 1))
 
 
 def test_receiver_detects_window_overrun():
-    s = y.YamuxSession(is_client=False)
+    s = y.YamuxCore(is_client=False)
     s.receive_data(y.encode_header(y.TYPE_WINDOW_UPDATE, y.FLAG_SYN, 1, 0))
     with pytest.raises(ProtocolError, match="window overrun"):
         s.receive_data(y.encode_header(y.TYPE_DATA, 0, 1, 256 * KiB + 1))  # refused on the header alone
@@ -109,7 +115,7 @@ def test_auto_tuning_grows_window_when_grants_come_fast():
     sent = 0
     for now in (0.0, 0.5, 1.0, 1.5):  # each grant within 2×RTT of the previous one
         n = c.send_window(sid)
-        s.receive_data(c.send_data(sid, b"x" * n))
+        s.receive_data(send(c, sid, b"x" * n))
         sent += n
         s.consume(sid, n, now=now)
         c.receive_data(s.data_to_send())
@@ -123,13 +129,13 @@ def test_window_growth_is_capped_and_slow_reader_does_not_grow():
     sid = c.open_stream()
     s.receive_data(c.data_to_send())
     for now in (0.0, 10.0, 20.0):  # grants far apart: no growth
-        s.receive_data(c.send_data(sid, b"x" * 128 * KiB))
+        s.receive_data(send(c, sid, b"x" * 128 * KiB))
         s.consume(sid, 128 * KiB, now=now)
         c.receive_data(s.data_to_send())
     assert s.window_size(sid) == 256 * KiB
     s.rtt = 100.0
     for now in (30.0, 30.1, 30.2):
-        s.receive_data(c.send_data(sid, b"x" * 128 * KiB))
+        s.receive_data(send(c, sid, b"x" * 128 * KiB))
         s.consume(sid, 128 * KiB, now=now)
         c.receive_data(s.data_to_send())
     assert s.window_size(sid) == 512 * KiB
@@ -149,9 +155,9 @@ def test_closed_streams_free_their_slot():
     c, s = pair(max_inbound_streams=1)
     sid = c.open_stream()
     s.receive_data(c.data_to_send())
-    c.close_stream(sid)
+    c.send_close(sid)
     s.receive_data(c.data_to_send())
-    s.close_stream(sid)
+    s.send_close(sid)
     assert s.stream_count == 0
     c.open_stream()
     assert s.receive_data(c.data_to_send()) == [y.StreamOpened(3)]
@@ -159,7 +165,7 @@ def test_closed_streams_free_their_slot():
 
 def test_ping_is_answered_with_the_same_opaque_value():
     c, s = pair()
-    opaque = c.ping()
+    opaque = c.send_ping()
     ping = c.data_to_send()
     assert headers(ping) == [(y.TYPE_PING, y.FLAG_SYN, 0, opaque)]
     s.receive_data(ping)
@@ -170,14 +176,14 @@ def test_ping_is_answered_with_the_same_opaque_value():
 
 def test_go_away_stops_new_streams_both_ways():
     c, s = pair()
-    s.go_away(y.GO_AWAY_NORMAL)
+    s.send_go_away(y.GO_AWAY_NORMAL)
     ga = s.data_to_send()
     assert headers(ga) == [(y.TYPE_GO_AWAY, 0, 0, 0)]
     assert c.receive_data(ga) == [y.GoAwayReceived(0)]
     with pytest.raises(ProtocolError, match="go-away"):
         c.open_stream()
     # a SYN that crosses our go-away is refused with RST
-    c2 = y.YamuxSession(is_client=True)
+    c2 = y.YamuxCore(is_client=True)
     c2.open_stream()
     assert s.receive_data(c2.data_to_send()) == [y.StreamRefused(1, "going away")]
 
@@ -194,13 +200,13 @@ def test_go_away_stops_new_streams_both_ways():
     ],
 )
 def test_protocol_violations(frame, message):
-    s = y.YamuxSession(is_client=False)
+    s = y.YamuxCore(is_client=False)
     with pytest.raises(ProtocolError, match=message):
         s.receive_data(frame)
 
 
 def test_data_after_fin_is_a_protocol_error():
-    s = y.YamuxSession(is_client=False)
+    s = y.YamuxCore(is_client=False)
     s.receive_data(y.encode_header(y.TYPE_WINDOW_UPDATE, y.FLAG_SYN, 1, 0))
     s.receive_data(y.encode_header(y.TYPE_WINDOW_UPDATE, y.FLAG_FIN, 1, 0))
     with pytest.raises(ProtocolError, match="after its FIN"):
@@ -210,7 +216,7 @@ def test_data_after_fin_is_a_protocol_error():
 def test_large_sends_split_to_fit_one_noise_frame():
     c, s = pair()
     sid = c.open_stream()
-    wire = c.send_data(sid, b"x" * 200 * KiB)
+    wire = send(c, sid, b"x" * 200 * KiB)
     lengths = [h[3] for h in headers(wire)]
     assert max(lengths) == y.MAX_DATA_FRAME and sum(lengths) == 200 * KiB
 
@@ -218,7 +224,7 @@ def test_large_sends_split_to_fit_one_noise_frame():
 @settings(max_examples=300)
 @given(st.binary(max_size=400))
 def test_fuzz_only_protocol_errors(data):
-    s = y.YamuxSession(is_client=False, max_inbound_streams=4)
+    s = y.YamuxCore(is_client=False, max_inbound_streams=4)
     try:
         s.receive_data(data)
     except ProtocolError:
@@ -229,7 +235,7 @@ def test_fuzz_only_protocol_errors(data):
 @settings(max_examples=100)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 15), st.integers(0, 8), st.integers(0, 300 * KiB)), max_size=12))
 def test_fuzz_structured_frames(frames):
-    s = y.YamuxSession(is_client=False)
+    s = y.YamuxCore(is_client=False)
     wire = b"".join(
         y.encode_header(t, f, sid, n) + (b"z" * min(n, 2000) if t == y.TYPE_DATA else b"") for t, f, sid, n in frames
     )

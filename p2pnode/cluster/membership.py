@@ -53,7 +53,7 @@ class MembershipService(Service):
         self._listeners: list[Callable[[Snapshot], None]] = []
         ctx.bus.register(DocumentType(
             REVOCATION, verify=self._verify_revocation, apply=self._apply_revocation, ordering=APPEND, keep=None,
-            rejected_action="revocation_rejected",
+            rejected_action="revocation_rejected", public=True,
         ))
         ctx.bus.register(DocumentType(
             SNAPSHOT, verify=self._verify_snapshot, reload=self._reload_snapshot, apply=self._apply_snapshot,

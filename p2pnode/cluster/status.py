@@ -2,8 +2,10 @@
 
 The view is assembled from what every service contributes (`status()` keys, `member_status()`
 columns), so a new service shows up in status by implementing those two methods. Request:
-{members: bool}. Reply: a `status` envelope signed by the node. The same view is what the local
-control API returns. Spec: protocols/status.md.
+{members: bool, auth?: admin proof}. Reply: a `status` envelope signed by the node. Only members
+and holders of a valid admin proof for the key they connected with are answered, unless the
+operator set `public_status`. The same view is what the local control API returns; its
+`/peer-status` route asks another node through this node's own (member) connection. Spec: protocols/status.md.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import trio
+
 from .. import __version__, codec, timefmt
 from ..envelope import Envelope
-from ..errors import ProtocolError
+from ..errors import P2PNodeError, ProtocolError
 from ..identity import PeerId
+from ..multiaddr import Multiaddr
 from ..platform import rpc
 from ..platform.service import ControlRequest, Route, Service, ServiceContext
 from .health import HealthService
@@ -36,7 +41,8 @@ class StatusService(Service):
         self.health = health
         self.services = services
         self.started_at = time.time()
-        rpc.serve(ctx.host, PROTOCOL, self._serve, LIMITS)
+        allow = None if ctx.config.public_status else (lambda peer, request: not ctx.bus.is_stranger(peer, request))
+        rpc.serve(ctx.host, PROTOCOL, self._serve, LIMITS, allow=allow)
 
     def view(self, members: bool = False) -> dict[str, Any]:
         host = self.ctx.host
@@ -73,7 +79,19 @@ class StatusService(Service):
         async def status(request: ControlRequest) -> tuple[int, Any]:
             return 200, self.view(request.flag("members"))
 
-        return [Route("GET", "/status", status, "the node's status view; ?members=1 adds every member")]
+        async def peer_status(request: ControlRequest) -> tuple[int, Any]:
+            target = request.arg("peer") or ""
+            try:
+                peer: Any = Multiaddr.parse(target) if target.startswith("/") else PeerId.from_string(target)
+                if isinstance(peer, Multiaddr):
+                    peer = await self.ctx.host.connect(peer)
+                with trio.fail_after(LIMITS.timeout):
+                    return 200, await fetch_status(self.ctx.host, peer, members=request.flag("members"))
+            except (P2PNodeError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                return 502, {"error": f"status of {target}: {exc or type(exc).__name__}"}
+
+        return [Route("GET", "/status", status, "the node's status view; ?members=1 adds every member"),
+                Route("GET", "/peer-status", peer_status, "?peer=<multiaddr or peer id>: another node's signed status, asked as this node")]
 
 
 async def fetch_status(host: Any, peer: Any, members: bool = False, auth: Envelope | None = None) -> dict[str, Any]:

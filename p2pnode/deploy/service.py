@@ -607,6 +607,10 @@ class DeployService(Service):
             limit = min(MAX_LIST, max(1, f.integer("limit", optional=True, default=50)))
             return {"deploys": _cbor_safe(self.list(f.text("app", optional=True, max_len=200), f.text("node", optional=True, max_len=128),
                                                     limit))}
+        if op == "members":  # the admin tool resolves --node/--label/--all with this (deployers may not pull snapshots)
+            snap = self.membership.current
+            return {"issued_at": snap.issued_at if snap else None,
+                    "members": [{"peer_id": str(m.peer_id), "name": m.name, "labels": list(m.labels)} for m in self.membership.members()]}
         if op == "log":
             deploy_id, node = f.text("deploy_id", max_len=128), f.text("node", optional=True, max_len=128)
             if node is None:

@@ -3,13 +3,18 @@
 Lifetimes: `open_host()` opens the host's nursery. Each listener, each connection (its yamux
 reader/writer and its inbound stream handlers) and each dial is a task in that tree, so closing
 the host — cancellation — sends go-away to every peer and leaves no task behind.
+
+Resources: every accepted socket, handshake, connection and stream is admitted by the host's
+ResourceManager (`host.resources`, limits from `HostConfig.limits`). The host does not know who
+is a member: the node tells it with `set_protected(predicate)`; protected peers are never pruned,
+other peers' connections are capped and closed when idle.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import attrs
 import trio
@@ -19,26 +24,34 @@ from ..errors import ConnectionClosed, DialError, HandshakeError, P2PNodeError, 
 from ..identity import KeyPair, PeerId
 from ..logfmt import fmt
 from ..multiaddr import Multiaddr, ensure
+from ..streamio import ResourceLimitExceeded
 from ..transport import raw
-from ..transport.muxer import YamuxConnection, YamuxStream
-from ..transport.negotiate import answer, select
+from ..transport.multistream_trio import answer, select
 from ..transport.upgrade import UpgradeLimits, upgrade
+from ..transport.websocket_trio import WebSocketStream
+from ..transport.yamux_trio import YamuxConnection, YamuxStream
 from ..trioutil import open_nursery_unwrapped
 from .peerstore import PeerStore
+from .resources import ConnectionAccount, Limits, ResourceManager, StreamAccount
 
 log = logging.getLogger("p2pnode.host")
 
 Handler = Callable[[YamuxStream, "Connection"], Awaitable[None]]
 ConnectionListener = Callable[["Connection"], None]
+SWEEP_INTERVAL = 5.0
+
+
+class HandlerExists(P2PNodeError, ValueError):
+    """A second handler for a protocol that already has one."""
 
 
 @attrs.frozen
 class HostConfig:
     listen: tuple[Multiaddr, ...] = ()
     upgrade: UpgradeLimits = UpgradeLimits()
+    limits: Limits = Limits()
     dial_timeout: float = 10.0
     negotiation_timeout: float = 10.0
-    max_message_size: int = 1 << 20
     standard_protocols: bool = True  # serve ping and identify, identify every new connection
 
 
@@ -49,6 +62,7 @@ class Connection:
     remote_addr: Multiaddr
     direction: str  # "inbound" | "outbound"
     muxer: YamuxConnection
+    scope: ConnectionAccount
     superseded: bool = False
     nursery: trio.Nursery | None = None  # tasks that live as long as this connection
 
@@ -59,6 +73,10 @@ class Connection:
     @property
     def label(self) -> str:
         return self.muxer.label
+
+    @property
+    def protected(self) -> bool:
+        return self.scope.peer.protected
 
 
 class _PendingDial:
@@ -73,8 +91,15 @@ class Host:
         self.identity = identity
         self.peer_id = identity.peer_id
         self.config = config
-        self.peerstore = PeerStore()
+        self._protected: Callable[[PeerId], bool] = lambda peer: False
+        self.resources = ResourceManager(config.limits, clock=trio.current_time, is_protected=self.is_protected)
+        self.peerstore = PeerStore(trio.current_time)
         self.listen_addrs: list[Multiaddr] = []
+        self._upgrade_limits = attrs.evolve(
+            config.upgrade,
+            max_inbound_streams=min(config.upgrade.max_inbound_streams, config.limits.max_streams_per_connection),
+            control_backlog=min(config.upgrade.control_backlog, config.limits.control_backlog),
+        )
         self._handlers: dict[str, Handler] = {}
         self._conns: dict[PeerId, list[Connection]] = {}
         self._pending: dict[object, _PendingDial] = {}
@@ -92,7 +117,14 @@ class Host:
 
     # -- registry --------------------------------------------------------------------------------
     def set_handler(self, protocol: str, handler: Handler) -> None:
+        """Serve `protocol` with `handler`. A protocol has one handler: registering a second one
+        raises HandlerExists (remove_handler first to replace it)."""
+        if protocol in self._handlers:
+            raise HandlerExists(f"a handler for {protocol} is already registered")
         self._handlers[protocol] = handler
+
+    def remove_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
 
     @property
     def protocols(self) -> list[str]:
@@ -103,6 +135,14 @@ class Host:
 
     def on_disconnected(self, listener: ConnectionListener) -> None:
         self._listeners_disconnected.append(listener)
+
+    def set_protected(self, predicate: Callable[[PeerId], bool]) -> None:
+        """Tell the host which peers to protect (the node's members). Called often, it must be
+        cheap; changes are picked up within a few seconds."""
+        self._protected = predicate
+
+    def is_protected(self, peer_id: PeerId) -> bool:
+        return self._protected(peer_id)
 
     def connection_to(self, peer_id: PeerId) -> Connection | None:
         for conn in self._conns.get(peer_id, ()):
@@ -118,6 +158,7 @@ class Host:
         out: list[Multiaddr] = []
         for addr in self.listen_addrs:
             proto, host = addr.components[0]
+            assert host is not None
             for ip in netif.expand(host):
                 expanded = Multiaddr(((proto, ip),) + addr.components[1:])
                 if expanded not in out:
@@ -128,7 +169,7 @@ class Host:
         return [a.with_peer_id(self.peer_id) for a in self.announce_addrs()]
 
     # -- lifetime --------------------------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for group in _listen_groups(self.config.listen):
@@ -139,6 +180,7 @@ class Host:
                 for addr in bound:
                     self.listen_addrs.append(addr)
                     log.info(fmt("listening", addr=addr.with_peer_id(self.peer_id)))
+            nursery.start_soon(self._sweep)
             task_status.started()
             await trio.sleep_forever()
 
@@ -153,23 +195,44 @@ class Host:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def _sweep(self) -> None:
+        limits = self.config.limits
+        while True:
+            await trio.sleep(min(SWEEP_INTERVAL, limits.unprotected_idle_timeout / 4))
+            self.resources.sweep()
+            self.peerstore.prune(self.is_protected, limits.peerstore_ttl, limits.max_peerstore_peers)
+
     # -- inbound ---------------------------------------------------------------------------------
-    async def _on_inbound(self, stream: trio.abc.Stream, local: Multiaddr, remote: Multiaddr) -> None:
-        label = f"in:{remote}"
+    async def _on_inbound(self, inbound: raw.Inbound) -> None:
+        handshake = self.resources.admit_inbound(inbound.remote_ip)
+        if handshake is None:
+            await inbound.aclose()
+            return
+        stream: trio.abc.Stream | None = None
         try:
+            stream, local, remote = await inbound.open(
+                timeout=raw.SNIFF_TIMEOUT, max_ws_message=self.config.limits.preauth_message_size
+            )
             muxer, remote_info = await upgrade(
-                stream, self.identity, initiator=False, expected_peer=None, limits=self.config.upgrade, label=label
+                stream, self.identity, initiator=False, expected_peer=None, limits=self._upgrade_limits, label=f"in:{remote}"
             )
         except Exception as exc:  # HandshakeError, or a bug: either way this peer alone is dropped
             reason = str(exc) if isinstance(exc, HandshakeError) else f"{type(exc).__name__}: {exc}"
-            log.warning(fmt("handshake_failed", direction="inbound", remote=remote, reason=reason))
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                await stream.aclose()
+            handshake.failed(reason)
+            await _close_quietly(stream if stream is not None else inbound.tcp)
             return
-        muxer.label = f"in:{remote_info.remote_peer.short()}@{remote}"
-        conn = Connection(remote_info.remote_peer, local, remote, "inbound", muxer)
-        await self._run_connection(conn)
+        finally:
+            handshake.release()
+        peer = remote_info.remote_peer
+        scope = handshake.authenticate(peer)
+        if isinstance(scope, str):
+            log.debug(fmt("connection_refused", peer=peer, remote=remote, reason=scope))
+            await _close_quietly(stream)
+            return
+        if isinstance(stream, WebSocketStream):
+            stream.max_message_size = None  # authenticated: messages stream through unbounded
+        muxer.label = f"in:{peer.short()}@{remote}"
+        await self._run_connection(Connection(peer, local, remote, "inbound", muxer, scope))
 
     # -- outbound --------------------------------------------------------------------------------
     async def connect(self, addr: Multiaddr | str) -> Connection:
@@ -191,7 +254,9 @@ class Host:
             raise DialError(str(pending.error))
         pending = self._pending[key] = _PendingDial()
         try:
-            conn = await self._nursery.start(self._dial_and_run, maddr, expected)
+            if self._nursery is None:
+                raise DialError("host is not running")
+            conn: Connection = await self._nursery.start(self._dial_and_run, maddr, expected)
             pending.conn = conn
             return conn
         except BaseException as exc:
@@ -217,31 +282,47 @@ class Host:
                 errors.append(str(exc))
         raise DialError(f"all {len(candidates)} addresses of {peer_id} failed: " + "; ".join(errors))
 
-    async def _dial_and_run(self, maddr: Multiaddr, expected: PeerId | None, *, task_status) -> None:
+    async def _dial_and_run(
+        self, maddr: Multiaddr, expected: PeerId | None, *, task_status: trio.TaskStatus[Connection]
+    ) -> None:
         if self._closing:
             raise DialError("host is shutting down")
-        stream, local, remote = await raw.dial(maddr, self._nursery, self.config.dial_timeout, self.name_resolver)
+        handshake = self.resources.admit_outbound()
+        if handshake is None:
+            raise DialError(f"{maddr}: connection limit {self.config.limits.max_connections} reached")
         try:
-            muxer, remote_info = await upgrade(
-                stream, self.identity, initiator=True, expected_peer=expected, limits=self.config.upgrade, label=f"out:{maddr}"
-            )
-        except HandshakeError as exc:
-            log.warning(fmt("handshake_failed", direction="outbound", remote=maddr, reason=str(exc)))
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
-            raise DialError(f"{maddr}: {exc}") from None
-        muxer.label = f"out:{remote_info.remote_peer.short()}@{remote}"
-        self.peerstore.add_addrs(remote_info.remote_peer, [maddr])
-        conn = Connection(remote_info.remote_peer, local, remote, "outbound", muxer)
-        await self._run_connection(conn, task_status)
+            stream, local, remote = await raw.dial(maddr, self.config.dial_timeout, self.name_resolver)
+            try:
+                muxer, remote_info = await upgrade(
+                    stream, self.identity, initiator=True, expected_peer=expected, limits=self._upgrade_limits,
+                    label=f"out:{maddr}",
+                )
+            except HandshakeError as exc:
+                log.info(fmt("handshake_failed", direction="outbound", remote=maddr, reason=str(exc)))
+                await _close_quietly(stream)
+                raise DialError(f"{maddr}: {exc}") from None
+        finally:
+            handshake.release()
+        peer = remote_info.remote_peer
+        scope = handshake.authenticate(peer)
+        assert not isinstance(scope, str)  # our own dials are not refused once they succeed
+        muxer.label = f"out:{peer.short()}@{remote}"
+        self.peerstore.add_addrs(peer, [maddr])
+        await self._run_connection(Connection(peer, local, remote, "outbound", muxer, scope), task_status)
 
     # -- a connection's whole life ---------------------------------------------------------------
-    async def _run_connection(self, conn: Connection, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_connection(
+        self, conn: Connection, task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        conn.muxer.scope = conn.scope
+        conn.scope.on_close = lambda reason, graceful: self._close_soon(conn, reason, graceful)
         peers = self._conns.setdefault(conn.peer_id, [])
         peers.append(conn)
+        self.peerstore.mark_connected(conn.peer_id)
         self.stats["connections_opened"] += 1
         self._dedup(conn)
-        log.info(fmt("connected", peer=conn.peer_id, direction=conn.direction, remote=conn.remote_addr))
+        level = logging.INFO if conn.protected else logging.DEBUG  # strangers come and go by the thousand
+        log.log(level, fmt("connected", peer=conn.peer_id, direction=conn.direction, remote=conn.remote_addr))
         try:
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
@@ -254,14 +335,27 @@ class Host:
                 await conn.muxer.run()
                 nursery.cancel_scope.cancel()
         finally:
+            conn.scope.close()
             peers = self._conns.get(conn.peer_id, [])
             if conn in peers:
                 peers.remove(conn)
             if not peers:
                 self._conns.pop(conn.peer_id, None)
-            log.info(fmt("disconnected", peer=conn.peer_id, direction=conn.direction, reason=conn.muxer.close_reason))
+                self.peerstore.mark_disconnected(conn.peer_id)
+            level = logging.INFO if conn.protected else logging.DEBUG
+            log.log(level, fmt("disconnected", peer=conn.peer_id, direction=conn.direction, reason=conn.muxer.close_reason))
             for listener in list(self._listeners_disconnected):
                 listener(conn)
+
+    def _close_soon(self, conn: Connection, reason: str, graceful: bool) -> None:
+        """The resource manager wants `conn` closed: go-away for an idle one, at once for an offender."""
+        if conn.is_closed:
+            return
+        if graceful and conn.nursery is not None:
+            conn.muxer.close_reason = conn.muxer.close_reason or reason
+            conn.nursery.start_soon(conn.muxer.aclose)
+        else:
+            conn.muxer.abort(reason)
 
     def _dedup(self, new: Connection) -> None:
         """Two live connections to one peer (simultaneous dials): both sides keep the one dialed
@@ -277,14 +371,13 @@ class Host:
             if c is not keep:
                 c.superseded = True
                 log.info(fmt("connection_superseded", peer=peer_id, direction=c.direction))
-                if c is not new:
+                if c is not new and self._nursery is not None:
                     self._nursery.start_soon(self._drain, c)
 
     async def _drain(self, conn: Connection) -> None:
         """Close a superseded connection once its streams are done (at most 30 s)."""
         with trio.move_on_after(30):
-            while conn.muxer.stream_count and not conn.is_closed:
-                await trio.sleep(0.5)
+            await conn.muxer.wait_idle()
         await conn.muxer.aclose()
 
     async def _accept_streams(self, conn: Connection, nursery: trio.Nursery) -> None:
@@ -296,22 +389,35 @@ class Host:
             with trio.fail_after(self.config.negotiation_timeout):
                 agreed = await answer(stream, self._handlers)
         except (trio.TooSlowError, P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info(fmt("stream_negotiation_failed", peer=conn.peer_id, reason=str(exc) or type(exc).__name__))
+            log.debug(fmt("stream_negotiation_failed", peer=conn.peer_id, reason=str(exc) or type(exc).__name__))
             await stream.reset()
             return
         stream.protocol = agreed.protocol
         stream.unread(agreed.trailing)
+        budget = stream.budget
+        if isinstance(budget, StreamAccount) and not budget.set_protocol(agreed.protocol):
+            conn.scope.report("protocol_refused", f"inbound stream limit of {agreed.protocol} reached")
+            await stream.reset()
+            return
         handler = self._handlers.get(agreed.protocol)
+        if handler is None:  # removed meanwhile
+            await stream.reset()
+            return
         try:
             await handler(stream, conn)
         except (StreamReset, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug(fmt("stream_ended", peer=conn.peer_id, protocol=agreed.protocol, reason=str(exc) or type(exc).__name__))
+        except ResourceLimitExceeded as exc:
+            conn.scope.report("memory_refused", f"{agreed.protocol}: {exc}")
+            await stream.reset()
+            return
         except trio.TooSlowError:
-            log.warning(fmt("handler_timeout", peer=conn.peer_id, protocol=agreed.protocol))
+            self.resources.logs.log(logging.INFO, "handler_timeout", peer=conn.peer_id, protocol=agreed.protocol)
             await stream.reset()
             return
         except Exception as exc:  # a handler bug or bad input must not take the node down
-            log.warning(fmt("handler_error", peer=conn.peer_id, protocol=agreed.protocol, error=f"{type(exc).__name__}: {exc}"))
+            self.resources.logs.log(logging.WARNING, "handler_error", peer=conn.peer_id, protocol=agreed.protocol,
+                                    error=f"{type(exc).__name__}: {exc}")
             await stream.reset()
             return
         await stream.aclose()
@@ -341,6 +447,14 @@ class Host:
         return stream
 
 
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
 def _listen_groups(addrs: tuple[Multiaddr, ...]) -> list[list[Multiaddr]]:
     """Addresses sharing a fixed IP and port (TCP and WebSocket) get one socket; port 0 never shares."""
     groups: dict[object, list[Multiaddr]] = {}
@@ -351,13 +465,13 @@ def _listen_groups(addrs: tuple[Multiaddr, ...]) -> list[list[Multiaddr]]:
     return list(groups.values())
 
 
-def open_client():
+def open_client() -> AbstractAsyncContextManager[Host]:
     """A host for one-off client work (CLI ping, status, publish): a throwaway identity, no listeners."""
     return open_host(KeyPair.generate(), HostConfig())
 
 
 @asynccontextmanager
-async def open_host(identity: KeyPair, config: HostConfig = HostConfig()):
+async def open_host(identity: KeyPair, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Run a host for the duration of the block; leaving it closes every connection."""
     host = Host(identity, config)
     async with open_nursery_unwrapped() as nursery:

@@ -14,25 +14,27 @@ the lower digest (SHA-256 of the envelope's canonical bytes) wins, the same on e
 never diverge. `append` — every valid document is kept (revocations).
 
 Protocols (spec: protocols/documents.md):
-  /p2pnode/doc-push/1.0.0  {doc, forwarded_to?} → verdict. Anyone may push; trust comes from the
-                           signatures.
+  /p2pnode/doc-push/1.0.0  {doc, forwarded_to?, auth?} → verdict. Anyone may push (trust comes from
+                           the signatures), but a non-member only small documents and not many.
   /p2pnode/doc-pull/1.0.0  per-type summaries, then (key, issued_at, digest) lists for the types that
-                           differ → the documents the asker lacks. A node pulls from every new
-                           connection (quietly skipping peers that serve no pull, such as the CLI).
+                           differ → the documents the asker lacks. Members, and whoever presents a
+                           valid admin proof for the key it connected with (`auth`), get every type;
+                           anyone else only the public ones (revocations). A node pulls from every
+                           new connection (quietly skipping peers that serve no pull, such as the CLI).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
 import trio
 
-from .. import codec
+from .. import codec, timefmt
 from ..envelope import Envelope
 from ..errors import DecodeError, NegotiationFailed, P2PNodeError
 from ..identity import PeerId
@@ -54,6 +56,8 @@ PULL_LIMITS = rpc.Limits(max_request=4 << 20, max_reply=MAX_DOCUMENT + (1 << 20)
 MAX_FORWARDED_TO = 10_000
 MAX_PULL_ROUNDS = 16
 MAX_FORWARDS_IN_FLIGHT = 256
+STRANGER_MAX_DOCUMENT = 1 << 20
+STRANGER_PUSHES = (20, 10.0)  # non-members together: at most 20 pushes per 10 s
 OFF_LOOP_BYTES = 64 << 10  # verify payloads larger than this on a worker thread
 
 log = logging.getLogger("p2pnode.bus")
@@ -64,9 +68,13 @@ class Verdict:
     result: str  # "accepted" | "ignored" | "rejected" | "failed" (valid, but could not be stored now)
     code: str = ""
     reason: str = ""
+    held: str = ""  # for an ignored lww document: the issued_at of the version this node holds
 
     def to_dict(self) -> dict[str, str]:
-        return {"result": self.result, "code": self.code, "reason": self.reason}
+        out = {"result": self.result, "code": self.code, "reason": self.reason}
+        if self.held:
+            out["held"] = self.held
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Verdict:
@@ -75,6 +83,7 @@ class Verdict:
             f.text("result", max_len=16),
             f.text("code", optional=True, default="", max_len=64),
             f.text("reason", optional=True, default="", max_len=2048),
+            f.text("held", optional=True, default="", max_len=64),
         )
 
 
@@ -102,6 +111,7 @@ class DocumentType:
     max_size: int = MAX_DOCUMENT
     extra_targets: Callable[[Accepted], Iterable[PeerId]] | None = None
     rejected_action: str = "document_rejected"  # the log line's action for a rejection
+    public: bool = False  # served to non-members too (revocations: an admin tool must learn it is revoked)
 
 
 @attrs.frozen
@@ -133,6 +143,7 @@ class DocumentBus:
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._forwards = 0
+        self._stranger_pushes: deque[float] = deque()
         self.forward_drops = 0
         rpc.serve(host, PUSH, self._serve_push, PUSH_LIMITS)
         rpc.serve(host, PULL, self._serve_pull, PULL_LIMITS)
@@ -218,7 +229,8 @@ class DocumentBus:
         async with self._lock:
             current = self.held[dtype.name].get(key)
             if current is not None and (current.digest == digest or not wins(held, current)):
-                return Verdict("ignored", "not_newer" if current.digest != digest else "known", "this node already holds that or a newer version")
+                return Verdict("ignored", "not_newer" if current.digest != digest else "known",
+                               "this node already holds that or a newer version", timefmt.format_ns(current.issued_at_ns))
             try:
                 await self.store.put(
                     StoredDocument(dtype.name, key, digest, accepted.issued_at_ns, env.to_bytes(), str(source) if source else None),
@@ -248,10 +260,11 @@ class DocumentBus:
         current = self.held[dtype.name].get(key)
         if current is None:
             return None
+        held = timefmt.format_ns(current.issued_at_ns)
         if current.digest == digest:
-            return Verdict("ignored", "known", "this node already has this document")
+            return Verdict("ignored", "known", "this node already has this document", held)
         if not wins(Held(issued, digest), current):
-            return Verdict("ignored", "not_newer", "this node already has a newer version (or an equal one that wins the tie-break)")
+            return Verdict("ignored", "not_newer", f"this node holds a newer version (issued at {held}) or an equal one that wins the tie-break", held)
         return None
 
     def _reject(self, dtype: DocumentType, exc: DecodeError, source: PeerId | None) -> Verdict:
@@ -302,13 +315,36 @@ class DocumentBus:
             self._forwards -= 1
 
     # -- serving -------------------------------------------------------------------------------
+    def is_stranger(self, peer: PeerId, request: dict[str, Any]) -> bool:
+        """Neither a member nor the holder of a valid admin proof for its own key (see `authorize`)."""
+        return not self.roster.is_member(peer) and not self.authorize(peer, request)
+
     async def _serve_push(self, request: dict[str, Any], conn: Any) -> dict[str, Any]:
         try:
             env = Envelope.from_dict(request.get("doc"))
         except DecodeError as exc:
             return Verdict("rejected", "malformed", f"push request: {exc}").to_dict()
+        if self.is_stranger(conn.peer_id, request):
+            refusal = self._stranger_refusal(env)
+            if refusal is not None:
+                return refusal.to_dict()
         verdict = await self.offer(env, conn.peer_id, _peer_set(request.get("forwarded_to")))
         return verdict.to_dict()
+
+    def _stranger_refusal(self, env: Envelope) -> Verdict | None:
+        """Non-members (the admin tool without its key, or anyone) may push signed documents, but
+        small ones and not many: together at most STRANGER_PUSHES per window."""
+        if len(env.payload) > STRANGER_MAX_DOCUMENT:
+            return Verdict("rejected", "too_large", f"documents from non-members are limited to {STRANGER_MAX_DOCUMENT >> 20} MiB; "
+                           "push as an admin (with its key and proof) for larger ones")
+        now = trio.current_time()
+        count, window = STRANGER_PUSHES
+        while self._stranger_pushes and now - self._stranger_pushes[0] >= window:
+            self._stranger_pushes.popleft()
+        if len(self._stranger_pushes) >= count:
+            return Verdict("rejected", "rate_limited", "too many pushes from non-members just now; try again in a few seconds")
+        self._stranger_pushes.append(now)
+        return None
 
     def summary(self, type_: str) -> str:
         cached = self._summaries.get(type_)
@@ -327,8 +363,11 @@ class DocumentBus:
             raise DecodeError("pull request: summaries must be a map (and have, if present, a map)")
         need_have: list[str] = []
         wanted: list[tuple[str, str]] = []
+        stranger = self.is_stranger(conn.peer_id, request)
         for type_, their_summary in summaries.items():
             if type_ not in self.types or not self.held[type_] or their_summary == self.summary(type_):
+                continue
+            if stranger and not self.types[type_].public:
                 continue
             if have is None or type_ not in have:
                 need_have.append(type_)

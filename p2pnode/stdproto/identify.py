@@ -6,15 +6,20 @@ The responder writes one length-prefixed protobuf Identify message and closes th
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .. import AGENT_VERSION, protobuf
 from ..errors import DecodeError
-from ..identity import PublicKey
+from ..identity import PeerId, PublicKey
 from ..logfmt import fmt
 from ..multiaddr import Multiaddr
 from ..streamio import MessageReader, send_message
+from ..transport.yamux_trio import YamuxStream
+
+if TYPE_CHECKING:
+    from ..host.host import Connection, Host
 
 PROTOCOL_ID = "/ipfs/id/1.0.0"
 PUSH_PROTOCOL_ID = "/ipfs/id/push/1.0.0"
@@ -57,14 +62,17 @@ class IdentifyRecord:
             except UnicodeDecodeError:
                 raise DecodeError(f"identify {name} is not UTF-8") from None
 
-        pv = protobuf.first(fields, 5, bytes)
-        av = protobuf.first(fields, 6, bytes)
+        def first(number: int) -> bytes | None:
+            value = protobuf.first(fields, number, bytes)
+            return value if isinstance(value, bytes) else None
+
+        pv, av = first(5), first(6)
         return cls(
             protocol_version=text(pv, "protocolVersion") if pv is not None else None,
             agent_version=text(av, "agentVersion") if av is not None else None,
-            public_key=protobuf.first(fields, 1, bytes),
+            public_key=first(1),
             listen_addrs=tuple(protobuf.repeated(fields, 2)),
-            observed_addr=protobuf.first(fields, 4, bytes),
+            observed_addr=first(4),
             protocols=tuple(text(p, "protocol") for p in protobuf.repeated(fields, 3)),
         )
 
@@ -87,7 +95,7 @@ class IdentifyRecord:
             return None
 
 
-def local_record(host, conn) -> IdentifyRecord:
+def local_record(host: Host, conn: Connection) -> IdentifyRecord:
     return IdentifyRecord(
         protocol_version=PROTOCOL_VERSION,
         agent_version=AGENT_VERSION,
@@ -98,7 +106,7 @@ def local_record(host, conn) -> IdentifyRecord:
     )
 
 
-def _apply(host, conn, record: IdentifyRecord) -> None:
+def _apply(host: Host, conn: Connection, record: IdentifyRecord) -> None:
     if record.public_key is not None:
         key = PublicKey.from_protobuf(record.public_key)
         if key.peer_id != conn.peer_id:
@@ -113,34 +121,38 @@ def _apply(host, conn, record: IdentifyRecord) -> None:
     host.peerstore.add_addrs(conn.peer_id, record.listen_multiaddrs())
 
 
-def install(host) -> None:
+def install(host: Host) -> None:
     """Serve identify and identify-push, and identify every new connection in the background."""
 
-    async def serve(stream, conn) -> None:
+    async def serve(stream: YamuxStream, conn: Connection) -> None:
         await send_message(stream, local_record(host, conn).encode(), MAX_IDENTIFY_SIZE)
 
-    async def serve_push(stream, conn) -> None:
+    async def serve_push(stream: YamuxStream, conn: Connection) -> None:
         _apply(host, conn, IdentifyRecord.decode(await MessageReader(stream, MAX_IDENTIFY_SIZE).one()))
 
-    async def identify_quietly(conn) -> None:
+    async def identify_quietly(conn: Connection) -> None:
         try:
             await identify(host, conn)
         except Exception as exc:  # identify is best effort: the connection stays usable without it
-            log.info(fmt("identify_failed", peer=conn.peer_id, reason=f"{type(exc).__name__}: {exc}"))
+            log.debug(fmt("identify_failed", peer=conn.peer_id, reason=f"{type(exc).__name__}: {exc}"))
+
+    def on_connected(conn: Connection) -> None:
+        if conn.nursery is not None:
+            conn.nursery.start_soon(identify_quietly, conn)
 
     host.set_handler(PROTOCOL_ID, serve)
     host.set_handler(PUSH_PROTOCOL_ID, serve_push)
-    host.on_connected(lambda conn: conn.nursery.start_soon(identify_quietly, conn))
+    host.on_connected(on_connected)
 
 
-async def identify(host, peer) -> IdentifyRecord:
+async def identify(host: Host, peer: PeerId | Connection) -> IdentifyRecord:
     """Ask `peer` (PeerId or Connection) for its identify record and store what it says."""
     stream = await host.new_stream(peer, PROTOCOL_ID)
     try:
         record = IdentifyRecord.decode(await MessageReader(stream, MAX_IDENTIFY_SIZE).one())
     finally:
         await stream.aclose()
-    conn = peer if hasattr(peer, "muxer") else host.connection_to(peer)
+    conn = host.connection_to(peer) if isinstance(peer, PeerId) else peer
     if conn is not None:
         _apply(host, conn, record)
     log.debug(fmt("identified", peer=conn.peer_id if conn else peer, agent=record.agent_version))

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import ProtocolError
+from ..identity import PeerId
 from ..streamio import receive_exactly
+from ..transport.yamux_trio import YamuxStream
+
+if TYPE_CHECKING:
+    from ..host.host import Connection, Host
 
 PROTOCOL_ID = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
 MAX_PINGS_PER_STREAM = 10_000
 
 
-def install(host) -> None:
+def install(host: Host) -> None:
     host.set_handler(PROTOCOL_ID, handle_ping)
 
 
-async def handle_ping(stream, conn) -> None:
+async def handle_ping(stream: YamuxStream, conn: Connection) -> None:
     for _ in range(MAX_PINGS_PER_STREAM):
         payload = bytearray()
         while len(payload) < PING_SIZE:
@@ -29,7 +35,7 @@ async def handle_ping(stream, conn) -> None:
         await stream.send_all(bytes(payload))
 
 
-async def ping(host, peer, count: int = 1, interval: float = 0.0) -> list[float]:
+async def ping(host: Host, peer: PeerId | Connection, count: int = 1, interval: float = 0.0) -> list[float]:
     """Ping `peer` (PeerId or Connection) `count` times on one stream; returns RTTs in seconds."""
     stream = await host.new_stream(peer, PROTOCOL_ID)
     rtts = []

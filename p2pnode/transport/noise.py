@@ -7,6 +7,9 @@ Handshake `Noise_XX_25519_ChaChaPoly_SHA256`, empty prologue:
 The payload binds the libp2p identity to the Noise static key: identity_key (protobuf PublicKey)
 and identity_sig = Ed25519 signature over "noise-libp2p-static-key:" + static public key.
 Every message, handshake and transport, is framed with a 2-byte big-endian length (≤ 65535).
+
+The core follows the transport cores' shape (`send_*` queues, `receive_data` → events,
+`data_to_send()`); its trio driver is `noise_trio`.
 """
 
 from __future__ import annotations
@@ -135,11 +138,11 @@ class HandshakePayload:
         fields = protobuf.decode_fields(data)
         key = protobuf.first(fields, 1, bytes)
         sig = protobuf.first(fields, 2, bytes)
-        if key is None or sig is None:
+        if not isinstance(key, bytes) or not isinstance(sig, bytes):
             raise DecodeError("noise handshake payload lacks identity_key or identity_sig")
         muxers: tuple[str, ...] = ()
         ext = protobuf.first(fields, 4, bytes)
-        if ext is not None:
+        if isinstance(ext, bytes):
             try:
                 muxers = tuple(m.decode("utf-8") for m in protobuf.repeated(protobuf.decode_fields(ext), 2))
             except UnicodeDecodeError:
@@ -147,19 +150,32 @@ class HandshakePayload:
         return cls(key, sig, muxers)
 
 
+# -- events ---------------------------------------------------------------------------------------
 @attrs.frozen
-class HandshakeComplete:
+class HandshakeCompleted:
     remote_peer: PeerId
     remote_key: PublicKey
     remote_muxers: tuple[str, ...]
 
 
-class NoiseConnection:
+@attrs.frozen
+class DataReceived:
+    """Decrypted transport plaintext (all of it that the bytes fed so far completed)."""
+
+    data: bytes
+
+
+Event = HandshakeCompleted | DataReceived
+
+
+class NoiseCore:
     """Drives the XX handshake, then encrypts and decrypts transport frames.
 
-    Use: `start()` (initiator sends its first message), then feed received bytes to
-    `receive_data()` and send whatever `data_to_send()` holds. `receive_data` returns a
-    HandshakeComplete once, and afterwards decrypted transport plaintext.
+    Use: `send_handshake()` (the initiator queues message 1), then feed received bytes to
+    `receive_data()` and send whatever `data_to_send()` holds; the responder's and the
+    initiator's later handshake messages are queued by `receive_data` itself. Events: one
+    HandshakeCompleted, then DataReceived with decrypted plaintext. After the handshake,
+    `send_data(plaintext)` queues encrypted frames.
     """
 
     def __init__(
@@ -176,15 +192,15 @@ class NoiseConnection:
         self.expected_peer = expected_peer
         self._s_priv, self._s_pub = x25519_keypair(static_private)
         self._e_priv, self._e_pub = x25519_keypair(ephemeral_private)
-        self._re: bytes | None = None
-        self._rs: bytes | None = None
+        self._re = b""
+        self._rs = b""
         self._sym = SymmetricState()
         self._step = 0  # handshake messages processed (sent or received)
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
         self._inbuf = bytearray()
-        self._outbound = bytearray()
-        self.remote: HandshakeComplete | None = None
+        self._outbound: list[bytes] = []
+        self.remote: HandshakeCompleted | None = None
 
     # -- handshake ---------------------------------------------------------------------------
     def _payload(self) -> bytes:
@@ -192,10 +208,12 @@ class NoiseConnection:
         return HandshakePayload(self.identity.public_key.to_protobuf(), sig).encode()
 
     def _queue_frame(self, body: bytes) -> None:
-        self._outbound += _pack_len(len(body))
-        self._outbound += body
+        self._outbound.append(_pack_len(len(body)))
+        self._outbound.append(body)
 
-    def start(self) -> None:
+    def send_handshake(self) -> None:
+        """The initiator queues message 1 (-> e); the responder only ever answers, so for it this
+        does nothing."""
         if self.initiator:
             if self._step != 0:
                 raise ProtocolError("noise handshake already started")
@@ -204,7 +222,7 @@ class NoiseConnection:
             self._queue_frame(self._e_pub + sym.encrypt_and_hash(b""))
             self._step = 1
 
-    def _verify_payload(self, payload: bytes) -> HandshakeComplete:
+    def _verify_payload(self, payload: bytes) -> HandshakeCompleted:
         try:
             decoded = HandshakePayload.decode(payload)
             key = PublicKey.from_protobuf(decoded.identity_key)
@@ -215,9 +233,9 @@ class NoiseConnection:
         peer = key.peer_id
         if self.expected_peer is not None and peer != self.expected_peer:
             raise PeerIdMismatch(f"dialed {self.expected_peer} but the remote proved it is {peer}")
-        return HandshakeComplete(peer, key, decoded.stream_muxers)
+        return HandshakeCompleted(peer, key, decoded.stream_muxers)
 
-    def _handle_handshake_frame(self, frame: bytes) -> HandshakeComplete | None:
+    def _handle_handshake_frame(self, frame: bytes) -> HandshakeCompleted | None:
         sym = self._sym
         if not self.initiator and self._step == 0:  # <- e
             if len(frame) < DH_LEN:
@@ -277,16 +295,20 @@ class NoiseConnection:
         return self._send is not None
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._outbound)
-        self._outbound.clear()
-        return out
+        out = self._outbound
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
 
-    def receive_data(self, data: bytes) -> tuple[HandshakeComplete | None, bytes]:
-        """Feed received bytes. Returns (HandshakeComplete if it completed now, decrypted plaintext)."""
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
+        """Feed received bytes; returns [HandshakeCompleted] when the handshake completes now,
+        then [DataReceived] with the plaintext of every transport frame completed."""
         buf = self._inbuf
         buf += data
-        completed = None
-        plaintext = []
+        events: list[Event] = []
+        plaintext: list[bytes] = []
         pos = 0
         end = len(buf)
         while end - pos >= 2:
@@ -300,23 +322,27 @@ class NoiseConnection:
             else:
                 result = self._handle_handshake_frame(frame)
                 if result is not None:
-                    self.remote = completed = result
+                    self.remote = result
+                    events.append(result)
         if pos:
             del buf[:pos]
-        return completed, b"".join(plaintext)
+        if plaintext:
+            events.append(DataReceived(plaintext[0] if len(plaintext) == 1 else b"".join(plaintext)))
+        return events
 
-    def encrypt(self, plaintext: bytes | bytearray | memoryview) -> bytes:
-        """Frame and encrypt transport data, splitting it into ≤ 65519-byte chunks."""
-        if self._send is None:
-            raise ProtocolError("noise handshake not complete")
+    def send_data(self, plaintext: bytes | bytearray | memoryview) -> None:
+        """Queue transport data, encrypted in frames of at most 65519 bytes of plaintext."""
         send = self._send
+        if send is None:
+            raise ProtocolError("noise handshake not complete")
+        out = self._outbound
         if len(plaintext) <= MAX_PLAINTEXT:
-            ct = send.encrypt(b"", bytes(plaintext))
-            return _pack_len(len(ct)) + ct
+            ct = send.encrypt(b"", plaintext if isinstance(plaintext, bytes) else bytes(plaintext))
+            out.append(_pack_len(len(ct)))
+            out.append(ct)
+            return
         view = memoryview(plaintext)
-        out = []
         for start in range(0, len(view), MAX_PLAINTEXT):
             ct = send.encrypt(b"", bytes(view[start : start + MAX_PLAINTEXT]))
             out.append(_pack_len(len(ct)))
             out.append(ct)
-        return b"".join(out)

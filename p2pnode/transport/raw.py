@@ -1,26 +1,25 @@
 """Raw transports: turn a multiaddr into a listening or dialed byte stream (TCP and WebSocket).
 
 A WebSocket carries the same byte stream as TCP in binary messages (libp2p websockets spec), so
-both produce a trio.abc.Stream that the upgrader secures and multiplexes.
+both produce a trio.abc.Stream that the upgrader secures and multiplexes. A listener hands each
+accepted socket to the host as an `Inbound` before reading a byte from it, so the host's
+resource manager can refuse it at once; `Inbound.open()` then tells WebSocket from TCP and runs
+the WebSocket handshake.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
-import trio_websocket
 
-from ..errors import DecodeError, DialError, P2PNodeError
+from ..errors import DecodeError, DialError, HandshakeError, P2PNodeError
 from ..multiaddr import Multiaddr
-
-RECEIVE_SIZE = 256 * 1024
-WS_MAX_MESSAGE = 4 * 1024 * 1024
-# trio-websocket reads 4 KiB at a time and queues one message by default: far too little for bulk data.
-_WS_OPTIONS = dict(max_message_size=WS_MAX_MESSAGE, receive_buffer_size=RECEIVE_SIZE, message_queue_size=8)
-
+from ..streamio import take
+from . import websocket_trio
 
 @attrs.frozen
 class Endpoint:
@@ -50,57 +49,12 @@ def endpoint_of(maddr: Multiaddr) -> Endpoint:
         raise DecodeError(f"{maddr}: /wss (TLS WebSocket) is not supported by this node; use /ws behind a TLS proxy")
     else:
         raise DecodeError(f"{maddr}: unsupported transport stack /{'/'.join(rest)}")
-    return Endpoint(maddr.value_for(host_proto), int(maddr.value_for("tcp")), families[host_proto], kind)
+    host, port = maddr.value_for(host_proto), maddr.value_for("tcp")
+    assert host is not None and port is not None  # the protocols above are present
+    return Endpoint(host, int(port), families[host_proto], kind)
 
 
-def take(pending: bytes, max_bytes: int | None) -> tuple[bytes, bytes]:
-    """Split buffered bytes into what receive_some(max_bytes) returns and what stays buffered."""
-    if max_bytes is None or len(pending) <= max_bytes:
-        return pending, b""
-    return pending[:max_bytes], pending[max_bytes:]
-
-
-class WebSocketStream(trio.abc.Stream):
-    """A trio Stream over a trio-websocket connection: one binary message per write."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection):
-        self._ws = ws
-        self._pending = b""
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self._ws.send_message(bytes(data))
-        except trio_websocket.ConnectionClosed as exc:
-            raise trio.BrokenResourceError(f"websocket closed: {exc.reason}") from None
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if not self._pending:
-            while True:
-                try:
-                    message = await self._ws.get_message()
-                except trio_websocket.ConnectionClosed:
-                    return b""
-                if isinstance(message, str):
-                    raise trio.BrokenResourceError("websocket peer sent a text message; libp2p uses binary")
-                if message:
-                    self._pending = message
-                    break
-        data, self._pending = take(self._pending, max_bytes)
-        return data
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await self._ws.aclose()
-
-
-RawHandler = Callable[[trio.abc.Stream, Multiaddr, Multiaddr], Awaitable[None]]
-
-
-def _sockaddr_to_maddr(sockaddr: tuple, family: int, ws: bool) -> Multiaddr:
+def _sockaddr_to_maddr(sockaddr: tuple[Any, ...], family: int, ws: bool) -> Multiaddr:
     host, port = sockaddr[0], sockaddr[1]
     proto = "ip6" if family == socket.AF_INET6 else "ip4"
     tail = (("ws", None),) if ws else ()
@@ -134,12 +88,13 @@ def _is_ip(host: str) -> bool:
 
 
 async def dial(
-    maddr: Multiaddr, nursery: trio.Nursery, timeout: float, resolve: NameResolver | None = None
+    maddr: Multiaddr, timeout: float, resolve: NameResolver | None = None
 ) -> tuple[trio.abc.Stream, Multiaddr, Multiaddr]:
     """Open a raw stream. Returns (stream, local_addr, remote_addr).
 
     /dns* names go through `resolve` (the node's configured nameservers) when given, else the OS."""
     ep = endpoint_of(maddr)
+    tcp: trio.SocketStream | None = None
     try:
         with trio.fail_after(timeout):
             tcp = await _open_tcp(ep, resolve)
@@ -150,14 +105,22 @@ async def dial(
             if ep.kind == "tcp":
                 return tcp, local, remote
             host_header = f"[{ep.host}]" if ":" in ep.host else ep.host
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, tcp, f"{host_header}:{ep.port}", "/", **_WS_OPTIONS
-            )
-            return WebSocketStream(ws), local, remote
+            return await websocket_trio.connect(tcp, f"{host_header}:{ep.port}"), local, remote
     except trio.TooSlowError:
+        await _close_quietly(tcp)
         raise DialError(f"{maddr}: connect timed out after {timeout:g}s") from None
-    except (OSError, trio_websocket.HandshakeError, P2PNodeError) as exc:
+    except (OSError, trio.BrokenResourceError, P2PNodeError) as exc:
+        await _close_quietly(tcp)
         raise DialError(f"{maddr}: {exc}") from None
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource | None) -> None:
+    if stream is not None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
 
 class PrefixedStream(trio.abc.Stream):
@@ -167,13 +130,13 @@ class PrefixedStream(trio.abc.Stream):
         self._stream = stream
         self._prefix = prefix
 
-    async def send_all(self, data) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             data, self._prefix = take(self._prefix, max_bytes)
@@ -185,20 +148,66 @@ class PrefixedStream(trio.abc.Stream):
 
 
 SNIFF_TIMEOUT = 10.0
+_WS_START = b"GET "
+
+
+class Inbound:
+    """An accepted TCP connection, nothing read from it yet. The host admits it (or calls
+    `aclose()` at once), then `open()`s it."""
+
+    def __init__(self, tcp: trio.SocketStream, remote_ip: str, family: int, kinds: set[str], bound: dict[str, Multiaddr]):
+        self.tcp = tcp
+        self.remote_ip = remote_ip
+        self._family = family
+        self._kinds = kinds
+        self._bound = bound
+
+    async def open(self, *, timeout: float, max_ws_message: int | None) -> tuple[trio.abc.Stream, Multiaddr, Multiaddr]:
+        """Tell WebSocket from TCP (when both share the port) and run the WebSocket handshake.
+        Returns (stream, local, remote); raises HandshakeError. `max_ws_message` bounds each
+        WebSocket message until the caller lifts it (WebSocketStream.max_message_size)."""
+        sockaddr = self.tcp.socket.getpeername()
+        kind = next(iter(self._kinds))
+        stream: trio.abc.Stream = self.tcp
+        first = b""
+        try:
+            with trio.fail_after(timeout):
+                if len(self._kinds) > 1:
+                    # Both kinds of client speak first: an HTTP GET is a WebSocket upgrade,
+                    # anything else (the multistream header) is libp2p over TCP.
+                    while len(first) < len(_WS_START) and _WS_START.startswith(first):
+                        chunk = await self.tcp.receive_some(websocket_trio.MAX_HANDSHAKE_READ)
+                        if not chunk:
+                            raise HandshakeError("connection closed before sending anything")
+                        first += chunk
+                    kind = "ws" if first.startswith(_WS_START) else "tcp"
+                if kind == "ws":
+                    stream = await websocket_trio.accept(self.tcp, first, max_message_size=max_ws_message)
+                elif first:
+                    stream = PrefixedStream(self.tcp, first)
+        except trio.TooSlowError:
+            raise HandshakeError(f"{'websocket handshake' if first else 'first bytes'} timed out after {timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise HandshakeError(f"connection failed before the handshake ({exc or type(exc).__name__})") from None
+        return stream, self._bound[kind], _sockaddr_to_maddr(sockaddr, self._family, kind == "ws")
+
+    async def aclose(self) -> None:
+        await _close_quietly(self.tcp)
+
+
+InboundHandler = Callable[[Inbound], Awaitable[None]]
 
 
 async def listen(
     maddrs: list[Multiaddr],
-    handler: RawHandler,
+    handler: InboundHandler,
     *,
-    task_status=trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[Multiaddr]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; each accepted stream runs `handler(stream, local, remote)`.
+    """Serve until cancelled; each accepted socket runs `handler(Inbound)`, which owns it.
 
-    `maddrs` share one IP and port: `/tcp/P`, `/tcp/P/ws`, or both. With both, the first bytes
-    decide: a WebSocket client starts with an HTTP `GET`, a libp2p dialer with the multistream
-    header (both speak first). task_status.started() receives the bound multiaddrs (with the
-    real port when 0 was asked)."""
+    `maddrs` share one IP and port: `/tcp/P`, `/tcp/P/ws`, or both. task_status.started()
+    receives the bound multiaddrs (with the real port when 0 was asked)."""
     endpoints = [endpoint_of(m) for m in maddrs]
     ep = endpoints[0]
     if ep.family == socket.AF_UNSPEC:
@@ -212,40 +221,13 @@ async def listen(
 
     async def on_tcp(tcp: trio.SocketStream) -> None:
         s = tcp.socket
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            peer = s.getpeername()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            remote_ip = s.getpeername()[0].split("%")[0]
         except OSError:
-            await tcp.aclose()
+            await _close_quietly(tcp)
             return
-        stream: trio.abc.Stream = tcp
-        kind = next(iter(kinds))
-        if len(kinds) > 1:
-            first = b""
-            with trio.move_on_after(SNIFF_TIMEOUT):
-                first = await tcp.receive_some(RECEIVE_SIZE)
-            if not first:
-                await tcp.aclose()
-                return
-            kind = "ws" if first.startswith(b"GET ") else "tcp"
-            stream = PrefixedStream(tcp, first)
-        remote = _sockaddr_to_maddr(peer, s.family, kind == "ws")
-        if kind == "tcp":
-            await handler(stream, bound["tcp"], remote)
-            return
-        async with trio.open_nursery() as ws_nursery:
-            try:
-                with trio.fail_after(SNIFF_TIMEOUT):
-                    request = await trio_websocket.wrap_server_stream(ws_nursery, stream, **_WS_OPTIONS)
-                    conn = await request.accept()
-            except (trio.TooSlowError, trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
-                await tcp.aclose()
-                ws_nursery.cancel_scope.cancel()
-                return
-            try:
-                await handler(WebSocketStream(conn), bound["ws"], remote)
-            finally:
-                ws_nursery.cancel_scope.cancel()
+        await handler(Inbound(tcp, remote_ip, s.family, kinds, bound))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_tcp, listeners)

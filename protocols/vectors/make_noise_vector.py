@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from p2pnode.identity import KeyPair
-from p2pnode.transport.noise import NoiseConnection
+from p2pnode.transport.noise import NoiseCore
 
 KEYS = {
     "initiator": {"identity_seed": "01" * 32, "static_private": "02" * 32, "ephemeral_private": "03" * 32},
@@ -23,13 +23,13 @@ def build() -> dict:
     for role, keys in keys_by_role.items():
         identity = KeyPair.from_seed(bytes.fromhex(keys["identity_seed"]))
         keys["peer_id"] = str(identity.peer_id)
-        conns[role] = NoiseConnection(
+        conns[role] = NoiseCore(
             identity, initiator=role == "initiator",
             static_private=bytes.fromhex(keys["static_private"]),
             ephemeral_private=bytes.fromhex(keys["ephemeral_private"]),
         )
     init, resp = conns["initiator"], conns["responder"]
-    init.start()
+    init.send_handshake()
     msg1 = init.data_to_send()
     resp.receive_data(msg1)
     msg2 = resp.data_to_send()
@@ -45,8 +45,13 @@ def build() -> dict:
         "message2": msg2.hex(),
         "message3": msg3.hex(),
         "transport_plaintext": PLAINTEXT,
-        "transport_frame": init.encrypt(bytes.fromhex(PLAINTEXT)).hex(),
+        "transport_frame": _encrypt(init, bytes.fromhex(PLAINTEXT)).hex(),
     }
+
+
+def _encrypt(core: NoiseCore, plaintext: bytes) -> bytes:
+    core.send_data(plaintext)
+    return core.data_to_send()
 
 
 def main() -> None:

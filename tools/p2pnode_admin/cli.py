@@ -4,8 +4,10 @@
 their own output streams); `main()` runs it under `trio.run` for the console script. Commands
 that touch the network are `async`; the others run on a worker thread, since loading an
 encrypted key costs an Argon2id derivation. The network calls stay in `_fetch_current`,
-`cmd_publish`, `_push_each` and `_ask_each`, on the membership and status client functions
-(to be swapped for the document bus's client).
+`cmd_publish`, `_push_each` and `_ask_each`, on the document bus's client functions
+(`p2pnode.platform.bus.push/pull`). Nodes show their snapshot and status to members only: the
+tool reads as the admin (its own key as the connection's identity, its proof as `auth`), and
+confirms what each member holds from the verdicts of pushes, which anyone may make.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from p2pnode.cluster.documents import (
     AdminProof, Member, Rejected, Revocation, Snapshot, Trust,
     verify_admin_proof, verify_revocation, verify_snapshot,
 )
-from p2pnode.cluster.status import fetch_status
 from p2pnode.envelope import Envelope, SignatureInvalid
 from p2pnode.errors import DecodeError, DialError, P2PNodeError
 from p2pnode.fsutil import atomic_write
-from p2pnode.host import Connection, Host, open_client
+from p2pnode.host import Connection, Host, HostConfig, open_client, open_host
 from p2pnode.identity import KeyFileError, KeyPair, PeerId, PublicKey
 from p2pnode.multiaddr import Multiaddr
 from p2pnode.platform import bus
@@ -204,12 +205,14 @@ def cmd_new_node(args) -> int:
     return 0
 
 
-async def _fetch_current(target: str, dns_server: list[str]) -> tuple[Envelope | None, list[Envelope]]:
-    """The current snapshot of a node (multiaddr or domain), and the revocations it knows."""
-    async with open_client() as host:
+async def _fetch_current(target: str, dns_server: list[str], admin: KeyPair, proof: Envelope) -> tuple[Envelope | None, list[Envelope]]:
+    """The current snapshot of a node (multiaddr or domain), and the revocations it knows. Nodes
+    show their snapshot to members, and to an admin that connects with its own key and shows a
+    proof valid now (revocations to anyone): a revoked admin gets only the revocations."""
+    async with open_host(admin, HostConfig()) as host:
         with trio.fail_after(BASE_TIMEOUT):
             conn = await connect_target(host, target, dns_server)
-            docs = await bus.pull(host, conn, ["membership-snapshot", "revocation"])
+            docs = await bus.pull(host, conn, ["membership-snapshot", "revocation"], auth=proof)
     snapshots = [d for d in docs if d.type == "membership-snapshot"]
     revocations = [d for d in docs if d.type == "revocation"]  # judged like the node judges them: see refuse_if_revoked
     return (snapshots[0] if snapshots else None), revocations
@@ -256,7 +259,7 @@ async def cmd_snapshot(args: argparse.Namespace) -> int:
         if await trio.Path(args.base).exists():
             env: Envelope | None = read_envelope(args.base)
         else:
-            env, base_revocations = await _fetch_current(args.base, args.dns_server)
+            env, base_revocations = await _fetch_current(args.base, args.dns_server, admin, proof_env)
         if env is not None:
             base = Snapshot.from_dict(env.verify())
     refuse_if_revoked(admin.peer_id, proof_env, proof, base_revocations, args.revocation or [])
@@ -345,9 +348,9 @@ async def cmd_publish(args: argparse.Namespace) -> int:
             # The first node holds this snapshot or a newer one, so it forwards nothing: waiting would
             # only time out. Offer it to every other member ourselves and report each one's answer now.
             verdicts.update(await _push_each(host, conn, [m for m in snap.members if m.peer_id != conn.peer_id], env))
-            holds = await _ask_each(host, conn, snap.members)
+            holds = await _ask_each(host, conn, snap.members, env)
         else:
-            holds = await _wait_held(host, conn, snap, args)
+            holds = await _wait_held(host, conn, snap, env, args)
     return _report_members(args, snap, verdict, verdicts, holds)
 
 
@@ -419,16 +422,22 @@ async def _push_each(host: Host, first_conn: Connection, members: list[Member], 
     return out
 
 
-async def _ask_each(host: Host, first_conn: Connection, members: Sequence[Member]) -> dict[PeerId, str | None]:
-    """One round of status questions, all at once: which snapshot (issued_at) each member holds,
-    None for none; members that did not answer are absent."""
+async def _ask_each(host: Host, first_conn: Connection, members: Sequence[Member], env: Envelope) -> dict[PeerId, str | None]:
+    """One round, all at once: which snapshot (issued_at) each member holds, learnt by offering it
+    ours again (nodes answer status to members only, but anyone may push): `accepted` or `known`
+    means it now holds ours, `not_newer` names the newer one it holds. Members that did not
+    answer, or refused, are absent."""
     out: dict[PeerId, str | None] = {}
+    ours = Snapshot.from_dict(env.verify()).issued_at
 
     async def one(member: Member) -> None:
         with contextlib.suppress(P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError), \
                 trio.move_on_after(MEMBER_TIMEOUT):
-            view = await fetch_status(host, await _member_conn(host, first_conn, member))
-            out[member.peer_id] = view.get("snapshot_issued_at") or None
+            verdict = await bus.push(host, await _member_conn(host, first_conn, member), env)
+            if verdict.result == "accepted" or verdict.code == "known":
+                out[member.peer_id] = ours
+            elif verdict.code == "not_newer" and verdict.held:
+                out[member.peer_id] = verdict.held
 
     async with trio.open_nursery() as nursery:
         for m in members:
@@ -436,7 +445,7 @@ async def _ask_each(host: Host, first_conn: Connection, members: Sequence[Member
     return out
 
 
-async def _wait_held(host: Host, first_conn: Connection, snap: Snapshot, args: argparse.Namespace) -> dict[PeerId, str | None]:
+async def _wait_held(host: Host, first_conn: Connection, snap: Snapshot, env: Envelope, args: argparse.Namespace) -> dict[PeerId, str | None]:
     """Ask the members which snapshot they hold until each holds ours or a newer one (which it
     will keep: nodes never go back), or --timeout passes. Asks again soon at first, then every second."""
     holds: dict[PeerId, str | None] = {}
@@ -448,7 +457,7 @@ async def _wait_held(host: Host, first_conn: Connection, snap: Snapshot, args: a
         return held is not None and held >= snap.issued_at_ns
 
     while True:
-        holds.update(await _ask_each(host, first_conn, [m for m in snap.members if not settled(m)]))
+        holds.update(await _ask_each(host, first_conn, [m for m in snap.members if not settled(m)], env))
         have = sum(1 for m in snap.members if holds.get(m.peer_id) == snap.issued_at)
         progress(args, f"  {have}/{len(snap.members)} members hold it")
         if all(settled(m) for m in snap.members) or trio.current_time() >= deadline:

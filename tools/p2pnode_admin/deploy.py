@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from p2pnode import timefmt
-from p2pnode.cluster.documents import AdminProof, Member, Snapshot
+from p2pnode.cluster.documents import AdminProof, Member
 from p2pnode.deploy import client
 from p2pnode.deploy.documents import MAX_DEPLOY_ID, sign_command
 from p2pnode.deploy.records import format_list, format_record, node_line
@@ -104,18 +104,20 @@ class Session:
     host: Host
     conn: Connection
     signer: Signer
-    snapshot: Snapshot | None = None
+    snapshot: tuple[Member, ...] | None = None  # the node's members, once asked
     uploaded: int = 0  # bytes this session uploaded
 
     async def members(self) -> tuple[Member, ...]:
         if self.snapshot is None:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                docs = await bus.pull(self.host, self.conn, ["membership-snapshot"])
-            snaps = [Snapshot.from_dict(d.verify()) for d in docs if d.type == "membership-snapshot"]
-            if not snaps:
+            reply = await self.query({"op": "members"})
+            try:
+                members = tuple(Member.from_dict(m) for m in reply.get("members") or [])
+            except DecodeError as exc:
+                raise _fail(f"node {self.conn.peer_id} sent a bad member list: {exc}") from None
+            if not members:
                 raise _fail(f"node {self.conn.peer_id} holds no membership snapshot; publish one first")
-            self.snapshot = snaps[0]
-        return self.snapshot.members
+            self.snapshot = members
+        return self.snapshot
 
     async def query(self, message: dict[str, Any]) -> dict[str, Any]:
         with trio.fail_after(CONNECT_TIMEOUT):

@@ -7,19 +7,22 @@ import trio
 
 from ..errors import HandshakeError
 from ..identity import KeyPair, PeerId
-from .noise import HandshakeComplete, NoiseConnection
-from .raw import RECEIVE_SIZE, take
+from ..streamio import RECEIVE_SIZE, take
+from .noise import DataReceived, HandshakeCompleted, NoiseCore
 
 
 class NoiseStream(trio.abc.Stream):
-    def __init__(self, raw: trio.abc.Stream, noise: NoiseConnection, pending: bytes = b""):
+    def __init__(self, raw: trio.abc.Stream, core: NoiseCore, remote: HandshakeCompleted, pending: bytes = b""):
         self.raw = raw
-        self._noise = noise
+        self.remote = remote
+        self._core = core
         self._pending = pending
-        self.remote: HandshakeComplete = noise.remote
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.raw.send_all(self._noise.encrypt(data))
+        # send_data and data_to_send run without a checkpoint between them, so concurrent
+        # writers (there is only ever one: the muxer's lock) cannot interleave frames.
+        self._core.send_data(data)
+        await self.raw.send_all(self._core.data_to_send())
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.raw.wait_send_all_might_not_block()
@@ -29,7 +32,9 @@ class NoiseStream(trio.abc.Stream):
             data = await self.raw.receive_some(RECEIVE_SIZE)
             if not data:
                 return b""
-            _, self._pending = self._noise.receive_data(data)
+            for event in self._core.receive_data(data):
+                if isinstance(event, DataReceived):
+                    self._pending = event.data
         out, self._pending = take(self._pending, max_bytes)
         return out
 
@@ -37,7 +42,7 @@ class NoiseStream(trio.abc.Stream):
         await self.raw.aclose()
 
 
-async def noise_handshake(
+async def handshake(
     raw: trio.abc.Stream,
     identity: KeyPair,
     *,
@@ -49,21 +54,25 @@ async def noise_handshake(
 
     Raises HandshakeError (including PeerIdMismatch) or trio errors from the raw stream; the
     caller bounds the time."""
-    noise = NoiseConnection(identity, initiator=initiator, expected_peer=expected_peer)
-    noise.start()
-    data = initial
+    core = NoiseCore(identity, initiator=initiator, expected_peer=expected_peer)
+    core.send_handshake()
+    data: bytes | bytearray = initial
     plaintext = b""
+    remote: HandshakeCompleted | None = None
     while True:
-        out = noise.data_to_send()
+        out = core.data_to_send()
         if out:
             await raw.send_all(out)
-        if noise.handshake_done:
+        if remote is not None:
             break
         if not data:
             data = await raw.receive_some(RECEIVE_SIZE)
             if not data:
                 raise HandshakeError("connection closed during the noise handshake")
-        _, plaintext = noise.receive_data(data)
+        for event in core.receive_data(data):
+            if isinstance(event, HandshakeCompleted):
+                remote = event
+            else:
+                plaintext = event.data  # transport frames that arrived with the last handshake message
         data = b""
-    # Transport frames that arrived in the same read as the last handshake message.
-    return NoiseStream(raw, noise, plaintext)
+    return NoiseStream(raw, core, remote, plaintext)

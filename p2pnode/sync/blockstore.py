@@ -1,0 +1,56 @@
+"""Blocks by hash from this node's own files: what a node serves when a peer asks for a block.
+
+The block lookup in sync.db says which complete files hold a block with that hash (a source's
+folder, a receiver's applied files, deploy artifacts under a pseudo-folder). The file is opened
+under its folder's root without following any symlink, the block read and checked against its
+hash: a file that changed since it was registered is skipped, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+
+import trio
+
+from ..errors import DecodeError
+from ..platform.db import Database
+from .index_db import BlockLocation, IndexRepo
+from .localfs import SafeRoot, UnsafePath, read_exact
+
+
+def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash: bytes) -> bytes | None:
+    """The first candidate whose bytes hash to `block_hash`. Runs on a worker thread."""
+    for loc, root_path in candidates:
+        if not root_path:
+            continue
+        try:
+            root = SafeRoot(root_path)
+            try:
+                fd = root.open_file(loc.name)
+            finally:
+                root.close()
+        except (UnsafePath, DecodeError, OSError):
+            continue
+        try:
+            data = read_exact(fd, loc.size, loc.offset)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if len(data) == loc.size and hashlib.sha256(data).digest() == block_hash:
+            return data
+    return None
+
+
+async def read_block(db: Database, repo: IndexRepo, block_hash: bytes) -> bytes | None:
+    """The block with this hash from any complete file this node holds, verified; None if it has none."""
+
+    def candidates(conn: sqlite3.Connection) -> list[tuple[BlockLocation, str | None]]:
+        return [(loc, repo.root(conn, loc.folder)) for loc in repo.locate(conn, block_hash)]
+
+    found = await db.read(candidates)
+    if not found:
+        return None
+    return await trio.to_thread.run_sync(read_verified, found, block_hash)
