@@ -69,3 +69,71 @@ async def test_failing_health_check_rolls_back_and_the_previous_release_answers(
             assert mesh.current(i) == "1.0" and not mesh.release(i, "2.0").exists()
             assert get_at(mesh.host(i), port, "/health") == (200, "version 1.0\n")  # the previous release answers
         nursery.cancel_scope.cancel()
+
+
+async def test_reports_reach_a_node_that_was_down_when_it_returns(mesh3):
+    from p2pnode.deploy.spec import ShellAction
+
+    mesh = mesh3
+    async with trio.open_nursery() as nursery:
+        await mesh.start(nursery)
+        await mesh.nodes[2].stop()
+        cmd = mesh.command(ShellAction("echo hi"), deploy_id="while-away", version="1", targets=[0, 1])
+        await mesh.offer(mesh.sign(cmd), at=0)
+        done = await mesh.settled("while-away", at=1)
+        assert done["state"] == "success"
+        await mesh.nodes[2].start(nursery)  # it pulls the command and every report on connecting
+        rec = await mesh.settled("while-away", at=2)
+        assert rec["nodes"] == done["nodes"] and rec["state"] == "success"
+        nursery.cancel_scope.cancel()
+
+
+async def test_progress_within_a_status_is_coalesced_status_changes_are_not(tmp_path):
+    from p2pnode.deploy.spec import HealthCheck, ShellAction
+
+    mesh = Mesh(tmp_path, 2, report_interval=1.0)
+    async with trio.open_nursery() as nursery:
+        await mesh.start(nursery)
+        # healthy 1.5 s after the script ran: ~30 failed attempts, each a report by the executor
+        script = 'echo $(( $(date +%s%N) + 1500000000 )) > ready-at'
+        health = HealthCheck("script", script='[ "$(date +%s%N)" -gt "$(cat ready-at)" ]', timeout=20, retries=100, interval=0.05)
+        cmd = mesh.command(ShellAction(script), deploy_id="chatty", version="1", targets=[0], health=health)
+        before = mesh.service(0).reports_sent
+        assert (await mesh.offer(mesh.sign(cmd), at=1)).result == "accepted"
+        assert (await mesh.settled("chatty", at=1))["state"] == "success"
+        executed = await mesh.service(0).journal.reports("chatty")
+        sent = mesh.service(0).reports_sent - before
+        statuses = [r.status for r in executed]
+        changes = 1 + sum(1 for a, b in zip(statuses, statuses[1:]) if a != b)
+        assert statuses.count("health_check") >= 15, statuses
+        assert changes <= sent <= changes + 3, (sent, changes, len(executed))  # ≤ 1 progress report per second beyond the changes
+        nursery.cancel_scope.cancel()
+
+
+async def test_artifacts_are_collected_once_no_kept_release_or_valid_command_needs_them(tmp_path):
+    from p2pnode.deploy.spec import TarAction
+
+    from p2pnode import timefmt
+
+    mesh = Mesh(tmp_path, 2)
+    async with trio.open_nursery() as nursery:
+        await mesh.start(nursery)
+        refs = []
+        for v in ("1", "2", "3"):
+            ref = await mesh.publish(__import__("deploykit").make_tar([("v", v.encode())]), at=1)
+            refs.append(ref)
+            cmd = mesh.command(TarAction(ref), deploy_id=f"gc-{v}", version=v, targets=[0], keep_releases=1)
+            cmd = __import__("attrs").evolve(cmd, valid_until_ns=cmd.issued_at_ns + 4 * timefmt.NS)
+            await mesh.offer(mesh.sign(cmd), at=1)
+            assert (await mesh.settled(f"gc-{v}"))["state"] == "success"
+        held = [[mesh.service(i).store.holds(r.sha256) for r in refs] for i in (0, 1)]
+        assert held == [[True, True, True], [True, True, True]]
+        assert await mesh.service(0).collect() == []  # every command is still valid: peers may still fetch
+        with trio.fail_after(10):
+            while any(mesh.record(f"gc-{v}")["valid_until"] > timefmt.now() for v in "123"):
+                await trio.sleep(0.1)
+        removed = sorted(await mesh.service(0).collect())
+        assert removed == sorted([refs[0].sha256, refs[1].sha256])  # 3 is kept: its release is kept (keep_releases 1)
+        assert sorted(await mesh.service(1).collect()) == sorted(r.sha256 for r in refs)  # the origin ran none of them
+        assert [mesh.service(0).store.holds(r.sha256) for r in refs] == [False, False, True]
+        nursery.cancel_scope.cancel()
