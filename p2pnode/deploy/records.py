@@ -98,7 +98,7 @@ def record(deploy_id: str, rec: CommandRecord | None, reports: Mapping[str, Node
         out.update(type=cmd.kind, app=cmd.app.key, version=cmd.version, root=cmd.root, issued_at=timefmt.format_ns(cmd.issued_at_ns),
                    valid_until=timefmt.format_ns(cmd.valid_until_ns), issuer=rec.issuer, issuer_role=rec.issuer_role,
                    rollout=cmd.rollout.to_dict(), waves=[list(w) for w in rec.plan.waves], open_waves=view.open_waves,
-                   halted=view.halted, reason=view.reason)
+                   halted=view.halted, reason=view.describe(lambda p: name_of(p) or p[-8:]))
     else:
         any_report = next(iter(reports.values()), None)
         if any_report is not None:

@@ -24,7 +24,7 @@ Rules (protocols/deploy.md, "Rollout"):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
@@ -78,10 +78,13 @@ class View:
 
     @property
     def reason(self) -> str:
-        """Why the rollout failed, in one sentence."""
+        return self.describe(lambda p: p[-8:])
+
+    def describe(self, name: Callable[[str], str]) -> str:
+        """Why the rollout failed, in one sentence (nodes called by `name`)."""
         if not self.halted:
             return ""
-        named = ", ".join(f"{p[-8:]} ({self.verdicts[p]})" for p in self.failures[:5])
+        named = ", ".join(f"{name(p)} ({self.verdicts[p]})" for p in self.failures[:5])
         where = (f"halted after wave {self.open_waves} of {self.total_waves}" if self.open_waves < self.total_waves
                  else f"failed in wave {self.open_waves} of {self.total_waves}")
         return f"the rollout {where}: {len(self.failures)} node(s) failed (max_failures {self.max_failures}): {named}"
