@@ -225,6 +225,18 @@ async def trio_wait(predicate: Any, timeout: float = 10.0, what: str = "conditio
 
 # ---- the mesh: real nodes on loopback with deploys enabled ---------------------------------------------
 
+def mesh_fixture(n: int, **deploy: Any) -> Any:
+    """A pytest fixture: a Mesh of n nodes whose deployed services are killed after the test."""
+    import pytest
+
+    @pytest.fixture
+    def fixture(tmp_path: Path) -> Any:
+        mesh = Mesh(tmp_path, n, **deploy)
+        yield mesh
+        mesh.kill_servers()
+    return fixture
+
+
 class Mesh:
     """A cluster of in-process nodes (tests/clusterkit.py), each with deploys allowed under its own
     `<data dir>/apps`, a deployer key with a `deploy`-role proof, and helpers to sign and offer

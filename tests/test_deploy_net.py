@@ -7,16 +7,11 @@ Each node has its own loopback address (127.0.0.N) as `deploy.host` and its root
 
 from __future__ import annotations
 
-import pytest
 import trio
-from deploykit import SCRIPTS, Mesh, free_port, get_at, http_health, http_release, http_tar
+from deploykit import SCRIPTS, Mesh, mesh_fixture, free_port, get_at, http_health, http_release, http_tar
 
 
-@pytest.fixture
-def mesh3(tmp_path):
-    mesh = Mesh(tmp_path, 3)
-    yield mesh
-    mesh.kill_servers()
+mesh3 = mesh_fixture(3)
 
 
 async def test_tar_deploy_to_two_nodes_health_checked_and_read_from_a_third(mesh3):

@@ -3,20 +3,15 @@ wave halting the rest, auto_revert, and a dead node that cannot stall the rollou
 
 from __future__ import annotations
 
-import pytest
 import trio
-from deploykit import SCRIPTS, Mesh, free_port, get_at, http_health, http_release, http_tar
+from deploykit import SCRIPTS, Mesh, mesh_fixture, free_port, get_at, http_health, http_release, http_tar
 
 from p2pnode.deploy.spec import Rollout
 
 FAIL_ON_HOST3 = 'if [ "$HOST" = 127.0.0.3 ]; then echo "install refused on $HOST" >&2; exit 3; fi\n'
 
 
-@pytest.fixture
-def mesh5(tmp_path):
-    mesh = Mesh(tmp_path, 5)
-    yield mesh
-    mesh.kill_servers()
+mesh5 = mesh_fixture(5)
 
 
 async def test_five_nodes_two_at_a_time_wave_two_fails_wave_three_never_starts_and_wave_one_reverts(mesh5):

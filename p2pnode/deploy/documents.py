@@ -26,12 +26,14 @@ import attrs
 
 from .. import timefmt
 from ..cluster.documents import ROLE_ADMIN, ROLE_DEPLOY, Rejected, Trust, verify_admin_document
+from ..cluster.documents import _peer  # a peer ID field, the error naming it
 from ..codec import Fields
 from ..envelope import Envelope, register_type
 from ..errors import DecodeError
 from ..identity import KeyPair, PeerId
 from .report import DeployReport
 from .spec import MAX_ARTIFACT_SIZE, DeployCommand
+from .spec import _time  # a timestamp field, the error naming it
 
 COMMAND = "deploy-command"
 REPORT = "deploy-report"
@@ -52,20 +54,6 @@ MAX_BLOCKS = 65_536
 def _need_system_key(trust: Trust, what: str) -> None:
     if trust.system_key is None:
         raise Rejected("no_system_key", f"{what}s need the cluster's system_pubkey in this node's config: without it anyone could sign one")
-
-
-def _time(f: Fields, key: str) -> int:
-    try:
-        return timefmt.parse_ns(f.text(key, max_len=64))
-    except DecodeError as exc:
-        raise DecodeError(f"{f.what}: field {key!r}: {exc}") from None
-
-
-def _peer(text: str, what: str) -> PeerId:
-    try:
-        return PeerId.from_string(text)
-    except DecodeError as exc:
-        raise DecodeError(f"{what}: {exc}") from None
 
 
 # ---- commands ------------------------------------------------------------------------------------

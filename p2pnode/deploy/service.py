@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from .. import codec, timefmt
-from ..cluster.documents import ROLE_ADMIN, Rejected, verify_admin_proof
+from ..cluster.documents import Rejected, verify_admin_proof
 from ..cluster.membership import MembershipService
 from ..envelope import Envelope
 from ..errors import DecodeError, P2PNodeError
@@ -213,6 +213,8 @@ class DeployService(Service):
             if deploy_id not in self._following:
                 del self.commands[deploy_id]
                 self.reports.pop(deploy_id, None)
+                self._started.pop(deploy_id, None)
+                self._revert_reasons.pop(deploy_id, None)
 
     # ---- lifetime ---------------------------------------------------------------------------------
 
@@ -365,6 +367,8 @@ class DeployService(Service):
         if report.final or last is None or last[0] != report.status or now - last[1] >= self.config.report_interval:
             self._pending.pop(deploy_id, None)
             await self._publish(report, outcome)
+            if report.final:
+                self._last_sent.pop(deploy_id, None)
         else:
             self._pending[deploy_id] = report
             self._pending_wakeup.set()
@@ -593,7 +597,7 @@ class DeployService(Service):
         try:
             env = Envelope.from_dict(raw, "admin-proof")
             verify_admin_proof(env, self.membership.trust, cluster_id=self.membership.cluster_id, admin=peer,
-                               at_ns=self.ctx.clock.now_ns(), roles=ROLES | {ROLE_ADMIN})
+                               at_ns=self.ctx.clock.now_ns(), roles=ROLES)
         except DecodeError:
             return False
         return True
