@@ -132,3 +132,23 @@ async def test_artifacts_are_collected_once_no_kept_release_or_valid_command_nee
         assert sorted(await mesh.service(1).collect()) == sorted(r.sha256 for r in refs)  # the origin ran none of them
         assert [mesh.service(0).store.holds(r.sha256) for r in refs] == [False, False, True]
         nursery.cancel_scope.cancel()
+
+
+async def test_an_artifact_is_fetched_from_a_node_that_holds_it_when_its_origin_is_gone(tmp_path):
+    from p2pnode.deploy.spec import TarAction
+
+    from deploykit import make_tar
+
+    mesh = Mesh(tmp_path, 3)
+    async with trio.open_nursery() as nursery:
+        await mesh.start(nursery)
+        data = make_tar([("big.bin", bytes(range(256)) * 12288)])  # 3 MiB: several blocks
+        ref = await mesh.publish(data, at=0)
+        await mesh.offer(mesh.sign(mesh.command(TarAction(ref), deploy_id="a", version="1", targets=[1])), at=0)
+        assert (await mesh.settled("a", at=2))["state"] == "success"
+        await mesh.nodes[0].stop()  # the node it was uploaded to is gone
+        await mesh.offer(mesh.sign(mesh.command(TarAction(ref), deploy_id="b", version="1", targets=[2])), at=1)
+        assert (await mesh.settled("b", at=1))["state"] == "success"
+        blocks = mesh.service(2).ctx.blocks.peers
+        assert blocks[mesh.nodes[1].peer_id].bytes_in == ref.size and mesh.service(2).store.fetched_bytes == ref.size
+        nursery.cancel_scope.cancel()

@@ -100,8 +100,11 @@ async def test_deployer_key_cannot_change_membership(mesh):
         verdict = await mesh.nodes[0].node.membership.offer(snapshot)
         assert (verdict.result, verdict.code) == ("rejected", "proof_invalid")
         assert verdict.reason == "admin proof role is 'deploy', not 'admin'"
-        # while a command it signs is accepted
+        # while a command it signs is accepted, as is one the admin signs
         assert (await mesh.offer(mesh.sign(mesh.command(ShellAction("true"), deploy_id="ok", version="1")))).result == "accepted"
+        by_admin = mesh.sign(mesh.command(ShellAction("true"), deploy_id="ok2", version="2"), mesh.kit.admin, mesh.kit.proof())
+        assert (await mesh.offer(by_admin)).result == "accepted"
+        assert (await mesh.settled("ok2"))["issuer_role"] == "admin"
         nursery.cancel_scope.cancel()
 
 
@@ -139,8 +142,9 @@ async def test_archives_with_dotdot_or_an_escaping_symlink_fail_with_the_entry_n
 
 
 async def test_uploads_need_a_deploy_role_manifest_and_fit_the_node_limits(tmp_path):
-    mesh = Mesh(tmp_path, 1)
+    mesh = Mesh(tmp_path, 2)
     mesh.configure(mesh.nodes[0], max_artifact_bytes=4096)
+    mesh.configure(mesh.nodes[1], min_free_bytes=1 << 60)  # no disk is that large: every upload would fill it
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 3000)
     stranger = KeyPair.generate()
@@ -163,6 +167,10 @@ async def test_uploads_need_a_deploy_role_manifest_and_fit_the_node_limits(tmp_p
             with pytest.raises(client.UploadRefused) as info:
                 await client.upload(host, conn, path, manifest, env)
             assert info.value.code == "bad_block"
+            manifest, env = await client.manifest_for(path, mesh.deployer, mesh.deploy_proof, mesh.kit.cluster_id)
+            with pytest.raises(client.UploadRefused) as info:
+                await client.upload(host, await host.connect(mesh.nodes[1].full_addr), path, manifest, env)
+            assert info.value.code == "no_space" and "less than this node's deploy.min_free_bytes" in info.value.reason
         assert not mesh.service(0).store.holds(manifest.sha256)
         nursery.cancel_scope.cancel()
 
