@@ -78,5 +78,5 @@ def test_frames_decode():
     for name in [k for k in V if k.endswith("_frame")]:
         message = framing.LengthPrefixedDecoder().feed(bytes.fromhex(V[name]))
         assert len(message) == 1 and isinstance(codec.decode_map(message[0], name), dict), name
-    block = codec.decode_map(framing.LengthPrefixedDecoder().feed(bytes.fromhex(V["upload_block_frame"]))[0], "block")
-    assert block["data"] == bytes.fromhex(V["artifact"])
+    send = codec.decode_map(framing.LengthPrefixedDecoder().feed(bytes.fromhex(V["upload_send_frame"]))[0], "send")
+    assert send == {"result": "send", "have": []}  # then the artifact's bytes follow raw: V["artifact"]

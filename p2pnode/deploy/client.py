@@ -1,7 +1,7 @@
 """Client side of the deploy protocols, for the admin tool, tests and benchmarks.
 
 `manifest_for` hashes a file into a signed artifact manifest; `upload` hands the file to one node
-(`/p2pnode/artifact-upload/1.0.0`, resuming from the blocks it already has); `query` asks a node
+(`/p2pnode/artifact-upload/1.0.0`: the manifest, then the blocks the node lacks as raw bytes); `query` asks a node
 about deploys (`/p2pnode/deploy-query/1.0.0`); `follow` polls a deploy's record until it is settled.
 """
 
@@ -69,18 +69,23 @@ async def upload(host: Any, peer: Any, path: str | os.PathLike[str], manifest: M
             have = {i for i in reply.get("have", []) if isinstance(i, int)}
             fd = await trio.to_thread.run_sync(os.open, os.fspath(path), os.O_RDONLY)
             try:
-                for index in range(len(manifest.blocks)):
+                for index in range(len(manifest.blocks)):  # the blocks it lacks, raw, in index order
                     if index in have:
                         continue
                     start, end = manifest.block_range(index)
                     data = await trio.to_thread.run_sync(os.pread, fd, end - start, start)
-                    await send_message(stream, codec.encode({"index": index, "data": data}), UPLOAD_FRAME)
+                    if len(data) != end - start:
+                        raise P2PNodeError(f"{path} changed while it was uploaded (block {index} is short); hash it again")
+                    await stream.send_all(data)
                     sent += len(data)
                     if progress is not None:
                         progress(sent, manifest.size)
+            except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                with trio.move_on_after(2):  # the node may have said why it stopped reading
+                    await receive()
+                raise exc
             finally:
                 os.close(fd)
-            await send_message(stream, codec.encode({"done": True}), UPLOAD_FRAME)
             reply = await receive()
         if reply.get("result") != "stored":
             raise ProtocolError(f"artifact upload: unexpected reply {reply.get('result')!r}")

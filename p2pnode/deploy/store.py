@@ -6,9 +6,10 @@ other). It accepts bytes only under a manifest signed by a deploy-role key (docu
 only within its own limits (`max_artifact_bytes`, `min_free_bytes`).
 
 - Upload (`/p2pnode/artifact-upload/1.0.0`, the admin tool → one node): the manifest first; the
-  node answers which blocks it already has (a retry resumes), the tool sends the others, each
-  checked against its block hash, then the whole file's SHA-256 is checked, the file renamed into
-  place, and the manifest offered to the document bus, so every node learns where to fetch from.
+  node answers which blocks it already has (a retry resumes), the tool sends the others as raw
+  bytes in index order, each checked against its block hash, then the whole file's SHA-256 is
+  checked, the file renamed into place, and the manifest offered to the document bus, so every
+  node learns where to fetch from.
 - Serving: a block-exchange provider (hash → bytes) over every complete or partly received artifact.
 - Fetching (`get`, the executor's ArtifactSource): blocks in parallel from the manifest's origin
   and the peers known to hold the artifact first, then any member; each block verified by the
@@ -40,7 +41,7 @@ from ..platform.blocks import BlockExchange, BlockUnavailable, ByteBudget
 from ..streamio import MessageReader, send_message
 from .artifacts import Progress, sha256_file
 from .config import DeployConfig
-from .documents import MANIFEST, MAX_BLOCK, Manifest, verify_manifest
+from .documents import MANIFEST, Manifest, verify_manifest
 from .errors import DeployError
 from .spec import ArtifactRef
 
@@ -51,7 +52,8 @@ FETCH_PARALLEL = 8  # block requests in flight per artifact
 FETCH_BUDGET = 32 << 20  # bytes in flight per artifact
 FETCH_ROUNDS = 5  # tries of one block over all candidates before giving up
 MANIFEST_WAIT = 60.0  # seconds a fetch waits for the artifact's manifest to arrive on the bus
-UPLOAD_FRAME = MAX_BLOCK + 1024
+UPLOAD_FRAME = 4 << 20  # the manifest and the replies (the blocks follow as raw bytes)
+RECEIVE_CHUNK = 256 * 1024
 
 log = logging.getLogger("p2pnode.deploy.artifacts")
 
@@ -277,11 +279,11 @@ class ArtifactStore:
         self._uploads += 1
         try:
             async with self._lock(manifest.sha256):
-                await self._receive(manifest, env, reader, reply, refuse, offer)
+                await self._receive(manifest, env, stream, reply, refuse, offer)
         finally:
             self._uploads -= 1
 
-    async def _receive(self, manifest: Manifest, env: Envelope, reader: MessageReader, reply: Callable[[dict[str, Any]], Awaitable[None]],
+    async def _receive(self, manifest: Manifest, env: Envelope, stream: Any, reply: Callable[[dict[str, Any]], Awaitable[None]],
                        refuse: Callable[[str, str], Awaitable[None]], offer: Callable[[Envelope], Awaitable[Any]]) -> None:
         sha = manifest.sha256
         if self.holds(sha):
@@ -294,29 +296,27 @@ class ArtifactStore:
         except (DeployError, OSError) as exc:
             await refuse("no_space" if isinstance(exc, DeployError) else "io", str(exc))
             return
+        missing = [i for i in range(len(manifest.blocks)) if i not in have]
         await reply({"result": "send", "have": sorted(have)})
+        # The missing blocks follow as raw bytes, in index order: read block by block (never more
+        # than one block held), each checked against its hash before it is written.
         received = 0
-        while True:
-            with trio.fail_after(UPLOAD_STEP_TIMEOUT):
-                raw = await reader.one()
-            f = codec.Fields(codec.decode_map(raw, "artifact upload block"), "artifact upload block")
-            if f.raw.get("done") is True:
-                break
-            index, data = f.integer("index"), f.blob("data")
-            if not 0 <= index < len(manifest.blocks):
-                await refuse("malformed", f"block index {index} is outside 0..{len(manifest.blocks) - 1}")
-                return
+        for index in missing:
             start, end = manifest.block_range(index)
-            if len(data) != end - start or hashlib.sha256(data).digest() != manifest.blocks[index]:
+            block = bytearray()
+            while len(block) < end - start:
+                with trio.fail_after(UPLOAD_STEP_TIMEOUT):
+                    chunk = await stream.receive_some(min(RECEIVE_CHUNK, end - start - len(block)))
+                if not chunk:
+                    await refuse("incomplete", f"the upload ended in block {index}; send it again (it resumes where it stopped)")
+                    return
+                block += chunk
+            if hashlib.sha256(block).digest() != manifest.blocks[index]:
                 await refuse("bad_block", f"block {index} does not match the manifest's hash for it")
                 return
-            await self._write_block(manifest, index, data)
-            received += len(data)
-            self.uploaded_bytes += len(data)
-        missing = len(manifest.blocks) - len(self._partial.get(sha, ()))
-        if missing:
-            await refuse("incomplete", f"{missing} blocks are still missing; send them (the upload resumes where it stopped)")
-            return
+            await self._write_block(manifest, index, bytes(block))
+            received += len(block)
+            self.uploaded_bytes += len(block)
         try:
             await self._finish(manifest)
         except DeployError as exc:

@@ -58,8 +58,6 @@ def build() -> dict:
     frames = {
         "upload_request_frame": {"manifest": manifest_env.to_dict()},
         "upload_send_frame": {"result": "send", "have": []},
-        "upload_block_frame": {"index": 0, "data": ARTIFACT},
-        "upload_done_frame": {"done": True},
         "upload_stored_frame": {"result": "stored", "sha256": sha, "received": len(ARTIFACT)},
         "upload_refused_frame": {"result": "refused", "code": "no_space",
                                  "reason": "artifact of 96 bytes exceeds this node's deploy.max_artifact_bytes (64)"},
