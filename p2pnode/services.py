@@ -16,6 +16,7 @@ from .deploy.service import DeployService
 from .platform.blocks import BlockService
 from .platform.documents_service import DocumentService
 from .platform.service import Service, ServiceContext
+from .sync.service import SyncService
 
 
 def build(ctx: ServiceContext, resolver: bootstrap.Resolver) -> list[Service]:
@@ -29,6 +30,7 @@ def build(ctx: ServiceContext, resolver: bootstrap.Resolver) -> list[Service]:
         HeartbeatService(ctx, membership, health),
         ConnectivityService(ctx, membership, resolver),
         BlockService(ctx.blocks),
+        SyncService(ctx, membership),
         DeployService(ctx, membership),
         StatusService(ctx, membership, health, lambda: services),
     ]

@@ -28,12 +28,13 @@ async def db(tmp_path: Path):
 
 
 async def test_migrations_are_applied_once_and_in_order(tmp_path: Path):
-    extra = [*MIGRATIONS, Migration(2, "CREATE TABLE later (x INTEGER);")]
+    newest = MIGRATIONS[-1].version
+    extra = [*MIGRATIONS, Migration(newest + 1, "CREATE TABLE later (x INTEGER);")]
     db = await Database.open(tmp_path / "a.db", MIGRATIONS)
-    assert await db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 1
+    assert await db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == newest
     await db.close()
     db = await Database.open(tmp_path / "a.db", extra)
-    assert await db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+    assert await db.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == newest + 1
     assert await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
     await db.close()
 

@@ -35,6 +35,7 @@ PROTOCOL = "/p2pnode/blocks/1.0.0"
 MAX_BLOCK = 4 << 20
 LIMITS = rpc.Limits(max_request=256, max_reply=MAX_BLOCK + 256, timeout=30.0)
 AVOID_AFTER = 3  # wrong blocks before a peer is avoided
+PEER_INFLIGHT_BYTES = 8 << 20  # replies in flight from one peer: well under the host's per-connection memory budget
 AVOID_FOR = 300.0  # seconds
 
 log = logging.getLogger("p2pnode.blocks")
@@ -82,6 +83,7 @@ class BlockExchange:
         self.providers: list[Provider] = []
         self.peers: dict[PeerId, PeerCounters] = {}
         self.inflight: Counter[PeerId] = Counter()
+        self._peer_budgets: dict[PeerId, ByteBudget] = {}
         self._strikes: dict[PeerId, tuple[int, float]] = {}
         self.blocks_served = 0
         self.hash_failures = 0
@@ -94,6 +96,8 @@ class BlockExchange:
             del self.peers[peer]
         for peer in [p for p in self._strikes if not self.roster.is_member(p)]:
             del self._strikes[peer]
+        for peer in [p for p, b in self._peer_budgets.items() if not b.used and not self.roster.is_member(p)]:
+            del self._peer_budgets[peer]
 
     def add_provider(self, provider: Provider) -> None:
         self.providers.append(provider)
@@ -136,20 +140,29 @@ class BlockExchange:
         if count + 1 == AVOID_AFTER:
             log.warning(fmt("peer_avoided", peer=peer, reason="sent wrong blocks", seconds=int(AVOID_FOR)))
 
-    async def fetch(self, digest: bytes, candidates: Sequence[PeerId]) -> tuple[bytes, PeerId]:
-        """The block `digest` from one of `candidates` (least busy first, avoided peers last);
-        verified. Raises BlockUnavailable when none supplies it."""
+    async def fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId] = (),
+                    size: int = MAX_BLOCK) -> tuple[bytes, PeerId]:
+        """The block `digest` (of `size` bytes, at most) from one of `candidates` (least busy first,
+        avoided peers last), then from `fallback` in its order (e.g. the original source, asked
+        only when no one else has it); verified. Raises BlockUnavailable when none supplies it.
+        At most PEER_INFLIGHT_BYTES of replies are awaited from one peer at a time."""
         usable = [p for p in candidates if p != self.roster.me]
         order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
+        order += [p for p in fallback if p != self.roster.me and p not in order]
         reasons = []
         for peer in order:
+            budget = self._peer_budgets.get(peer)
+            if budget is None:
+                budget = self._peer_budgets[peer] = ByteBudget(PEER_INFLIGHT_BYTES)
             self.inflight[peer] += 1
+            await budget.acquire(size)
             try:
                 reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, LIMITS)
             except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reasons.append(f"{peer.short()}: {exc}")
                 continue
             finally:
+                budget.release(size)
                 self.inflight[peer] -= 1
                 if not self.inflight[peer]:
                     del self.inflight[peer]

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 import trio
@@ -48,6 +48,15 @@ log = logging.getLogger("p2pnode.sync.apply")
 
 Fetch = Callable[[bytes, int], Awaitable[bytes]]
 T = TypeVar("T")
+
+
+class ApplyObserver(Protocol):
+    """What the sync service learns while a plan is applied (progress, and blocks it can already
+    serve to other receivers from the temporary file). Called on the trio thread."""
+
+    def planned(self, p: Plan) -> None: ...
+    def blocks_written(self, name: str, temp: str, blocks: Sequence[BlockPlan], fetched: bool) -> None: ...
+    def file_done(self, name: str, temp: str, size: int) -> None: ...
 
 MAX_ERRORS = 100
 MAX_LOGGED = 50
@@ -142,6 +151,11 @@ class _OpenFile:
     adopt: bool = False
     error: Exception | None = None  # the first failure among its concurrent block fetches
 
+    @property
+    def tmp_rel(self) -> str:
+        """The temp file's folder-relative name."""
+        return f"{self.dir_name}/{self.tmp}" if self.dir_name else self.tmp
+
 
 def _split(name: str) -> tuple[str, str]:
     names.validate(name)  # defence in depth: the planner's input came from a verified index, check again
@@ -175,6 +189,8 @@ class Applier:
         max_inflight_bytes: int = 32 * 1024 * 1024,
         file_workers: int = 4,
         fsync: bool = True,
+        observer: ApplyObserver | None = None,
+        rotate: float = 0.0,
     ):
         self.db = db
         self.repo = repo
@@ -184,6 +200,8 @@ class Applier:
         self.max_inflight_bytes = max_inflight_bytes
         self.file_workers = file_workers
         self.fsync = fsync
+        self.observer = observer
+        self.rotate = rotate  # start this fraction into the list of files and of each file's blocks
         self._root: SafeRoot | None = None
         self._records: list[Applied] = []
         self._gone: list[str] = []
@@ -207,7 +225,9 @@ class Applier:
             report.error(s.name, s.reason)
         try:
             await trio.to_thread.run_sync(self._make_dirs, p.dirs, report)
-            pending = iter(p.files)
+            # Receivers of one folder start at different places (rotate), so that early on they
+            # fetch different blocks from the source and then fetch the rest from each other.
+            pending = iter(_rotated(p.files, self.rotate))
             async with trio.open_nursery() as nursery:
                 for _ in range(self.file_workers):
                     nursery.start_soon(self._file_worker, pending, report)
@@ -412,9 +432,14 @@ class Applier:
         try:
             if not op.adopt:
                 await trio.to_thread.run_sync(self._copy_local, fw, op, report)
+                if self.observer is not None:
+                    local = [b for b in op.blocks if b.index in op.satisfied and not b.zero]
+                    self.observer.blocks_written(e.name, op.tmp_rel, local, False)
                 await self._fetch_rest(fw, op, report)
             applied = await trio.to_thread.run_sync(self._finish, fw, op)
             finished = True
+            if self.observer is not None:
+                self.observer.file_done(e.name, op.tmp_rel, e.size)
         except DiskFull:
             await trio.to_thread.run_sync(self._discard, op)
             with trio.CancelScope(shield=True):
@@ -440,8 +465,7 @@ class Applier:
 
     async def _save_partial(self, fw: FileWrite, op: _OpenFile) -> None:
         e = fw.entry
-        tmp_rel = f"{op.dir_name}/{op.tmp}" if op.dir_name else op.tmp
-        p = Partial(tmp_rel, e.size, e.block_size, frozenset(op.satisfied))
+        p = Partial(op.tmp_rel, e.size, e.block_size, frozenset(op.satisfied))
         op.unsaved = 0  # at the snapshot: blocks written while it is stored count towards the next save
         await self.db.write(lambda c: self.repo.put_partial(c, self.folder, e.name, p))
 
@@ -591,7 +615,7 @@ class Applier:
         if not todo:
             return
         async with trio.open_nursery() as nursery:
-            for b in todo:
+            for b in _rotated(todo, self.rotate):
                 if op.error is not None:
                     break
                 await self._budget.acquire(b.size)
@@ -616,6 +640,8 @@ class Applier:
             await trio.to_thread.run_sync(verify_and_write)
             report.blocks_fetched += 1
             report.bytes_fetched += b.size
+            if self.observer is not None:
+                self.observer.blocks_written(fw.entry.name, op.tmp_rel, [b], True)
         except (ApplyError, OSError) as exc:
             op.error = op.error or exc  # the others go on: what they bring is kept for the resume
         finally:
@@ -665,6 +691,11 @@ class Applier:
             self._close(op)
 
 
+def _rotated(items: Sequence[T], fraction: float) -> list[T]:
+    k = int(len(items) * fraction) % len(items) if items else 0
+    return [*items[k:], *items[:k]]
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
@@ -683,7 +714,7 @@ async def sync_folder(
     *,
     allowed_roots: Sequence[str],
     as_root: bool | None = None,
-    **applier_options: int | bool,
+    **applier_options: int | bool | float | ApplyObserver | None,
 ) -> ApplyReport:
     """Bring `node.target_path` to the desired state this node holds for `folder`.
 
@@ -722,6 +753,9 @@ async def sync_folder(
         new_rules = bool(folder.ignore_file) and any(f.entry.name == folder.ignore_file for f in p.files)
         if new_rules:
             p = attrs.evolve(p, deletes=())  # delete by the rules the ignore file is about to bring, next round
+        observer = applier_options.get("observer")
+        if observer is not None:
+            observer.planned(p)  # type: ignore[union-attr]
         applier = Applier(db, repo, folder.id, target, fetch, **applier_options)  # type: ignore[arg-type]
         total.merge(await applier.apply(p))
         if not new_rules:

@@ -80,7 +80,16 @@ CREATE TABLE partials (
     block_size INTEGER NOT NULL, done BLOB NOT NULL, PRIMARY KEY (folder, name));
 """,
         "sync index: source files, chunks, desired and applied state, block lookup, partial downloads",
-    )
+    ),
+    Migration(
+        2,
+        """
+CREATE TABLE tasks (folder TEXT PRIMARY KEY, applied_index_id INTEGER NOT NULL, applied_seq INTEGER NOT NULL, task BLOB);
+CREATE TABLE task_history (id INTEGER PRIMARY KEY, folder TEXT NOT NULL, task_id TEXT NOT NULL, task BLOB NOT NULL);
+CREATE INDEX task_history_folder ON task_history (folder, id);
+""",
+        "receiver tasks (sync/tasks.py): the current one per folder, the version applied, finished ones",
+    ),
 ]
 
 MAX_LOCATIONS = 8  # per hash: enough to fall back when a local copy changed under us
