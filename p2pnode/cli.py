@@ -18,6 +18,7 @@ from . import __version__, control, datadir, logfmt
 from .cluster.status import fetch_status
 from .platform.rpc import RequestRefused
 from .config import CONFIG_NAME, ConfigError, load_or_create, parse
+from .deploy import cli as deploy_cli
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
 from .fsutil import atomic_write
 from .host import open_client
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_status)
 
     sync_cli.register(sub, default_data_dir())
+    deploy_cli.add_parser(sub, default_data_dir)  # p2pnode deploy status|list|logs
     return parser
 
 

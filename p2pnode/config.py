@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -18,6 +18,9 @@ from .fsutil import atomic_write
 from .host.resources import Limits, LimitsError, parse_limits
 from .identity import PublicKey
 from .multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .deploy.config import DeployConfig
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4100/ws")  # one port: TCP and WebSocket
 NETWORK_MODES = ("public", "private", "auto")
@@ -46,6 +49,12 @@ class SyncConfig:
         return {"allowed_roots": [str(p) for p in self.allowed_roots], "max_bytes_in_flight": self.max_bytes_in_flight}
 
 
+def _no_deploys() -> DeployConfig:
+    from .deploy.config import DeployConfig  # here: p2pnode.deploy.config imports this module
+
+    return DeployConfig()
+
+
 @attrs.frozen
 class NodeConfig:
     data_dir: Path
@@ -60,6 +69,7 @@ class NodeConfig:
     log_level: str = "info"
     public_status: bool = False
     sync: SyncConfig = SyncConfig()
+    deploy: DeployConfig = attrs.field(factory=_no_deploys)  # `deploy` section: p2pnode/deploy/config.py
     limits: Limits = Limits()  # resource limits (p2pnode/host/resources.py); config.json keeps the changed ones
 
     @property
@@ -80,6 +90,7 @@ class NodeConfig:
             "log_level": self.log_level,
             "public_status": self.public_status,
             "sync": self.sync.to_json(),
+            "deploy": self.deploy.to_json(),
             "limits": self.limits.to_json(),
         }
 
@@ -183,6 +194,10 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         kw["public_status"] = raw["public_status"]
     if "sync" in raw:
         kw["sync"] = _sync_section(raw["sync"])
+    if "deploy" in raw:
+        from .deploy import config as deploy_config
+
+        kw["deploy"] = deploy_config.parse(raw["deploy"], data_dir)
     if "limits" in raw:
         try:
             kw["limits"] = parse_limits(raw["limits"])
