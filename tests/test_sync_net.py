@@ -346,3 +346,18 @@ async def test_a_receiver_killed_mid_file_resumes_with_the_blocks_it_had(tmp_pat
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_a_source_outside_its_allowed_roots_is_refused_and_a_trigger_says_why(mesh, tmp_path):
+    from p2pnode import control
+
+    src, r1, r2 = mesh.nodes
+    outside = tmp_path / "not-allowed"
+    outside.mkdir()
+    await src.node.membership.offer(folder(mesh.kit, "nope", src, outside, [(r1, mesh.root / "r1", {})]))
+    await wait_for(lambda: (st := mesh.state("nope", src)) is not None and st.status == "REFUSED", what="source refuses")
+    assert "source_path" in mesh.state("nope", src).error and "will not read" in mesh.state("nope", src).error
+    code, reply = await control.request(src.node.control_path, "POST", "/sync/trigger", {"folder": "nope"})
+    assert code == 409 and "source_path" in reply["error"]
+    code, _ = await control.request(src.node.control_path, "GET", "/status")
+    assert code == 200  # the node is still up

@@ -141,6 +141,10 @@ class Host:
         cheap; changes are picked up within a few seconds."""
         self._protected = predicate
 
+    def protection_changed(self) -> None:
+        """The predicate's answers changed (a new membership): re-check every peer now."""
+        self.resources.recheck_protection()
+
     def is_protected(self, peer_id: PeerId) -> bool:
         return self._protected(peer_id)
 

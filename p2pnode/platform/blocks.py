@@ -36,6 +36,9 @@ MAX_BLOCK = 4 << 20
 LIMITS = rpc.Limits(max_request=256, max_reply=MAX_BLOCK + 256, timeout=30.0)
 AVOID_AFTER = 3  # wrong blocks before a peer is avoided
 PEER_INFLIGHT_BYTES = 8 << 20  # replies in flight from one peer: well under the host's per-connection memory budget
+SUSPECT_FOR = 30.0  # a peer that let a request time out is "suspect" this long (a dead link looks alive until keepalive notices)
+SUSPECT_TIMEOUT = 3.0  # a suspect peer is asked with this deadline,
+SUSPECT_PROBE_EVERY = 2.0  # at most this often; in between, requests that only it could answer fail at once
 AVOID_FOR = 300.0  # seconds
 
 log = logging.getLogger("p2pnode.blocks")
@@ -75,6 +78,19 @@ class ByteBudget:
         self._changed.set()
         self._changed = trio.Event()
 
+    def has_room(self, n: int) -> bool:
+        return not self.used or self.used + n <= self.limit
+
+    def try_acquire(self, n: int) -> bool:
+        """Take `n` bytes now if there is room, without waiting."""
+        if not self.has_room(n):
+            return False
+        self.used += n
+        return True
+
+    async def wait_released(self) -> None:
+        await self._changed.wait()
+
 
 class BlockExchange:
     def __init__(self, host: Any, roster: Roster, *, allow: Callable[[PeerId], bool] | None = None):
@@ -84,6 +100,8 @@ class BlockExchange:
         self.peers: dict[PeerId, PeerCounters] = {}
         self.inflight: Counter[PeerId] = Counter()
         self._peer_budgets: dict[PeerId, ByteBudget] = {}
+        self._suspect_until: dict[PeerId, float] = {}
+        self._probe_at: dict[PeerId, float] = {}
         self._strikes: dict[PeerId, tuple[int, float]] = {}
         self.blocks_served = 0
         self.hash_failures = 0
@@ -98,6 +116,9 @@ class BlockExchange:
             del self._strikes[peer]
         for peer in [p for p, b in self._peer_budgets.items() if not b.used and not self.roster.is_member(p)]:
             del self._peer_budgets[peer]
+        for peer in [p for p in self._suspect_until if not self.roster.is_member(p)]:
+            del self._suspect_until[peer]
+            self._probe_at.pop(peer, None)
 
     def add_provider(self, provider: Provider) -> None:
         self.providers.append(provider)
@@ -130,6 +151,13 @@ class BlockExchange:
         return {"data": data}
 
     # -- fetching -------------------------------------------------------------------------------
+    def budget(self, peer: PeerId) -> ByteBudget:
+        """The bytes of replies awaited from `peer` (callers may check for room before choosing it)."""
+        budget = self._peer_budgets.get(peer)
+        if budget is None:
+            budget = self._peer_budgets[peer] = ByteBudget(PEER_INFLIGHT_BYTES)
+        return budget
+
     def avoided(self, peer: PeerId) -> bool:
         strikes = self._strikes.get(peer)
         return strikes is not None and strikes[0] >= AVOID_AFTER and trio.current_time() < strikes[1]
@@ -141,24 +169,47 @@ class BlockExchange:
             log.warning(fmt("peer_avoided", peer=peer, reason="sent wrong blocks", seconds=int(AVOID_FOR)))
 
     async def fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId] = (),
-                    size: int = MAX_BLOCK) -> tuple[bytes, PeerId]:
+                    size: int = MAX_BLOCK, reserved: PeerId | None = None) -> tuple[bytes, PeerId]:
         """The block `digest` (of `size` bytes, at most) from one of `candidates` (least busy first,
         avoided peers last), then from `fallback` in its order (e.g. the original source, asked
         only when no one else has it); verified. Raises BlockUnavailable when none supplies it.
-        At most PEER_INFLIGHT_BYTES of replies are awaited from one peer at a time."""
+        At most PEER_INFLIGHT_BYTES of replies are awaited from one peer at a time; `reserved`:
+        a peer whose budget the caller already took `size` from (released here)."""
+        held = [reserved] if reserved is not None else []
+        try:
+            return await self._fetch(digest, candidates, fallback, size, held)
+        finally:
+            for peer in held:  # a reservation the attempts did not use
+                self.budget(peer).release(size)
+
+    async def _fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId], size: int,
+                     held: list[PeerId]) -> tuple[bytes, PeerId]:
+        now = trio.current_time()
         usable = [p for p in candidates if p != self.roster.me]
-        order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
-        order += [p for p in fallback if p != self.roster.me and p not in order]
+        order = sorted(usable, key=lambda p: (self.avoided(p), self._suspect_until.get(p, 0) > now, self.inflight[p]))
+        order += sorted((p for p in fallback if p != self.roster.me and p not in order),
+                        key=lambda p: self._suspect_until.get(p, 0) > now)
         reasons = []
         for peer in order:
-            budget = self._peer_budgets.get(peer)
-            if budget is None:
-                budget = self._peer_budgets[peer] = ByteBudget(PEER_INFLIGHT_BYTES)
+            budget = self.budget(peer)
+            now = trio.current_time()
+            suspect = self._suspect_until.get(peer, 0) > now
+            if suspect:
+                if self._probe_at.get(peer, 0) > now:
+                    reasons.append(f"{peer.short()}: not answering")
+                    continue  # fail fast: the caller gets on with blocks other peers have
+                self._probe_at[peer] = now + SUSPECT_PROBE_EVERY
+            limits = attrs.evolve(LIMITS, timeout=SUSPECT_TIMEOUT) if suspect else LIMITS
             self.inflight[peer] += 1
-            await budget.acquire(size)
+            if peer in held:
+                held.remove(peer)  # taken by the caller: released below like our own
+            else:
+                await budget.acquire(size)
             try:
-                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, LIMITS)
+                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, limits)
             except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if "timed out" in str(exc) or "no reply within" in str(exc):
+                    self._suspect_until[peer] = trio.current_time() + SUSPECT_FOR
                 reasons.append(f"{peer.short()}: {exc}")
                 continue
             finally:
@@ -181,6 +232,8 @@ class BlockExchange:
                 continue
             c.bytes_in += len(data)
             c.blocks_in += 1
+            self._suspect_until.pop(peer, None)
+            self._probe_at.pop(peer, None)
             return data, peer
         raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
 

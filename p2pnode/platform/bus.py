@@ -432,6 +432,10 @@ class DocumentBus:
         accepted = 0
         rejected: Counter[str] = Counter()
         source = peer.peer_id if hasattr(peer, "peer_id") else peer
+        # What a pull brings is not forwarded: the others had it from the push that spread it, or
+        # will pull it themselves when they connect (forwarding every pulled document to every
+        # member made each new connection a flood).
+        everyone = frozenset(self.roster.members)
         send_have: list[str] = []
         cursor: object = None
         for _ in range(MAX_PULL_ROUNDS):
@@ -449,7 +453,7 @@ class DocumentBus:
                 except DecodeError:
                     rejected["malformed"] += 1
                     continue
-                verdict = (self._stranger_refusal(env) if stranger else None) or await self.offer(env, source)
+                verdict = (self._stranger_refusal(env) if stranger else None) or await self.offer(env, source, everyone)
                 if verdict.code == "rate_limited":
                     rejected["rate_limited"] += len(docs) - i
                     more, need_have = False, []

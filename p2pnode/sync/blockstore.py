@@ -20,15 +20,16 @@ from .index_db import BlockLocation, IndexRepo
 from .localfs import SafeRoot, UnsafePath, read_exact
 
 
-def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash: bytes) -> bytes | None:
-    """The first candidate whose bytes hash to `block_hash`. Runs on a worker thread."""
+def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash: bytes, *, temp: bool = False) -> bytes | None:
+    """The first candidate whose bytes hash to `block_hash` (`temp`: the names are temporary files
+    of downloads in progress). Runs on a worker thread."""
     for loc, root_path in candidates:
         if not root_path:
             continue
         try:
             root = SafeRoot(root_path)
             try:
-                fd = root.open_file(loc.name)
+                fd = root.open_file(loc.name, temp=temp)
             finally:
                 root.close()
         except (UnsafePath, DecodeError, OSError):
