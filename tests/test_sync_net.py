@@ -361,3 +361,21 @@ async def test_a_source_outside_its_allowed_roots_is_refused_and_a_trigger_says_
     assert code == 409 and "source_path" in reply["error"]
     code, _ = await control.request(src.node.control_path, "GET", "/status")
     assert code == 200  # the node is still up
+
+
+async def test_switching_a_receiver_from_overlay_to_mirror_deletes_what_the_source_no_longer_has(mesh):
+    src, r1, r2 = mesh.nodes
+    tree = mesh.root / "src-tree"
+    tree.mkdir(parents=True)
+    (tree / "stays").write_text("1")
+    (tree / "goes").write_text("2")
+    await src.node.membership.offer(folder(mesh.kit, "sw", src, tree, [(r1, mesh.root / "r1", {"strategy": "overlay"})]))
+    await wait_for(in_sync(mesh, "sw", [r1]), what="first sync")
+    (tree / "goes").unlink()
+    version = mesh.state("sw", src).seq
+    await src.node.service(SyncService).runs["sw"].trigger()
+    await wait_for(in_sync(mesh, "sw", [r1], at_least=version + 1), what="overlay sync")
+    assert (mesh.root / "r1" / "goes").exists()  # overlay never deletes
+    await src.node.membership.offer(folder(mesh.kit, "sw", src, tree, [(r1, mesh.root / "r1", {"strategy": "mirror"})]))
+    await wait_for(lambda: not (mesh.root / "r1" / "goes").exists(), what="mirror deletes it")
+    assert (mesh.root / "r1" / "stays").read_text() == "1"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -94,6 +95,7 @@ class SyncService(Service):
         self._temp_blocks: dict[tuple[str, str], list[bytes]] = {}
         self._have_out: dict[str, list[bytes]] = {}
         self._have_events: dict[str, trio.Event] = {}
+        self.applied_settings: dict[str, str] = {}  # folder -> fingerprint of the settings its version was applied with
         self.counters: Counter[str] = Counter()
         self._changed = trio.Event()
         self._last_issued: dict[str, int] = {}
@@ -581,6 +583,10 @@ class ReceiverRun(_Run):
         self.applied = (0, 0)
         self.task: TaskInfo | None = None
         self.error = ""
+        # The folder's settings as applied here: when they change (strategy, filters, ignore rules,
+        # permissions), or the node restarts, the version in place is checked again with them.
+        self.fingerprint = hashlib.sha256(codec.encode({**config.to_dict(), "issued_at": ""})).hexdigest()
+        self.recheck = svc.applied_settings.get(config.id) != self.fingerprint
         self._t0 = 0.0
 
     @property
@@ -606,7 +612,7 @@ class ReceiverRun(_Run):
         while True:
             head = await self._catch_up_index()
             desired = await self.db.read(lambda c: svc.repo.desired_index(c, config.id))
-            if desired is not None and desired[1] > 0 and (desired != self.applied or self._task_open()):
+            if desired is not None and desired[1] > 0 and (desired != self.applied or self._task_open() or self.recheck):
                 if not await self._work_on(desired):
                     continue
             await self._publish(self._status())
@@ -701,8 +707,9 @@ class ReceiverRun(_Run):
         svc, config = self.svc, self.config
         index_id, seq = desired
         task = self.task
-        if task is None or (task.index_id, task.seq) != desired:
-            task = TaskInfo(f"{config.id}@{svc.me.short()}:{seq}", index_id, seq, PENDING)
+        if task is None or (task.index_id, task.seq) != desired or (self.recheck and task.status == SUCCESS):
+            suffix = f"-{int(svc.ctx.clock.now_ns() // 10**6)}" if desired == self.applied else ""  # a re-check of the same version
+            task = TaskInfo(f"{config.id}@{svc.me.short()}:{seq}{suffix}", index_id, seq, PENDING)
         elif task.status == FAILED and task.attempt >= config.retry.max_attempts:
             return True  # degraded on this version: wait for a new one
         self.task = task
@@ -724,6 +731,8 @@ class ReceiverRun(_Run):
         now = svc.ctx.clock.now_ns()
         if error is None:
             self.applied = desired
+            self.recheck = False
+            svc.applied_settings[config.id] = self.fingerprint
             self.task = attrs.evolve(self.task, status=SUCCESS, finished_at_ns=now)
             self._line("done")
             log.info(fmt("sync_task_done", folder=config.id, task=self.task.id, bytes=self.task.bytes_done))
