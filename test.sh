@@ -35,6 +35,15 @@ if [ ! -d tests/interop/node_modules ] || [ tests/interop/package-lock.json -nt 
   npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 fi
 
+# Lint and type checks fail the run before any test (settings in pyproject.toml); P2PNODE_SKIP_CHECKS=1 skips them
+# when you only want pytest (e.g. ./test.sh -k yamux while editing).
+if [ "${P2PNODE_SKIP_CHECKS:-0}" != 1 ]; then
+  echo "test.sh: ruff" >&2
+  .venv/bin/ruff check p2pnode tools tests benchmarks
+  echo "test.sh: mypy" >&2
+  .venv/bin/mypy
+fi
+
 # hypothesis: no deadline or too_slow health check on a busy machine (tests/conftest.py); same examples
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 exec .venv/bin/python -m pytest "$@"

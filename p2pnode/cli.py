@@ -18,6 +18,7 @@ from . import __version__, control, datadir, logfmt
 from .cluster.status import fetch_status
 from .platform.rpc import RequestRefused
 from .config import CONFIG_NAME, ConfigError, load_or_create, parse
+from .deploy import cli as deploy_cli
 from .errors import DecodeError, DialError, HandshakeError, P2PNodeError, ProtocolError
 from .fsutil import atomic_write
 from .host import open_client
@@ -26,6 +27,7 @@ from .multiaddr import Multiaddr
 from .node import Node
 from .stdproto import identify as identify_proto
 from .stdproto import ping as ping_proto
+from .sync import cli as sync_cli
 from .platform.db import StoreError
 from .trioutil import open_nursery_unwrapped
 
@@ -280,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     status.add_argument("--timeout", type=float, default=10.0)
     status.set_defaults(func=_status)
+
+    sync_cli.register(sub, default_data_dir())
+    deploy_cli.add_parser(sub, default_data_dir)  # p2pnode deploy status|list|logs
     return parser
 
 

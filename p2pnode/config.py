@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -18,6 +18,9 @@ from .fsutil import atomic_write
 from .host.resources import Limits, LimitsError, parse_limits
 from .identity import PublicKey
 from .multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from .deploy.config import DeployConfig
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4100", "/ip4/0.0.0.0/tcp/4100/ws")  # one port: TCP and WebSocket
 NETWORK_MODES = ("public", "private", "auto")
@@ -40,12 +43,16 @@ class SyncConfig:
     """`sync` section: where this node lets folder sync read and write, whatever an admin signs."""
 
     allowed_roots: tuple[Path, ...] = ()  # empty: this node takes part in no folder
-    rescan_interval: float = 3600.0  # seconds between full rescans of a source folder (safety net for the watcher)
     max_bytes_in_flight: int = 32 << 20  # per folder, while pulling blocks
 
     def to_json(self) -> dict[str, Any]:
-        return {"allowed_roots": [str(p) for p in self.allowed_roots], "rescan_interval": self.rescan_interval,
-                "max_bytes_in_flight": self.max_bytes_in_flight}
+        return {"allowed_roots": [str(p) for p in self.allowed_roots], "max_bytes_in_flight": self.max_bytes_in_flight}
+
+
+def _no_deploys() -> DeployConfig:
+    from .deploy.config import DeployConfig  # here: p2pnode.deploy.config imports this module
+
+    return DeployConfig()
 
 
 @attrs.frozen
@@ -62,6 +69,7 @@ class NodeConfig:
     log_level: str = "info"
     public_status: bool = False
     sync: SyncConfig = SyncConfig()
+    deploy: DeployConfig = attrs.field(factory=_no_deploys)  # `deploy` section: p2pnode/deploy/config.py
     limits: Limits = Limits()  # resource limits (p2pnode/host/resources.py); config.json keeps the changed ones
 
     @property
@@ -82,6 +90,7 @@ class NodeConfig:
             "log_level": self.log_level,
             "public_status": self.public_status,
             "sync": self.sync.to_json(),
+            "deploy": self.deploy.to_json(),
             "limits": self.limits.to_json(),
         }
 
@@ -185,6 +194,10 @@ def parse(raw: dict[str, Any], *, data_dir: Path) -> NodeConfig:
         kw["public_status"] = raw["public_status"]
     if "sync" in raw:
         kw["sync"] = _sync_section(raw["sync"])
+    if "deploy" in raw:
+        from .deploy import config as deploy_config
+
+        kw["deploy"] = deploy_config.parse(raw["deploy"], data_dir)
     if "limits" in raw:
         try:
             kw["limits"] = parse_limits(raw["limits"])
@@ -209,11 +222,6 @@ def _sync_section(raw: Any) -> SyncConfig:
     kw: dict[str, Any] = {}
     if "allowed_roots" in raw:
         kw["allowed_roots"] = _roots("sync.allowed_roots", raw["allowed_roots"])
-    if "rescan_interval" in raw:
-        value = raw["rescan_interval"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 10 <= value <= 7 * 86400:
-            raise _fail("sync.rescan_interval", value, "expected seconds between 10 and 604800")
-        kw["rescan_interval"] = float(value)
     if "max_bytes_in_flight" in raw:
         value = raw["max_bytes_in_flight"]
         if isinstance(value, bool) or not isinstance(value, int) or not (1 << 20) <= value <= (1 << 30):

@@ -65,13 +65,16 @@ async def _handle(routes: Sequence[Route], stream: trio.SocketStream) -> None:
     try:
         with trio.fail_after(TIMEOUT):
             request, body = await _read_request(conn, stream)
-            status, payload = await _route(routes, request, body)
+        status, payload = await _route(routes, request, body)
     except (h11.RemoteProtocolError, ControlError, DecodeError) as exc:
         status, payload = 400, {"error": str(exc)}
     except trio.TooSlowError:
         status, payload = 408, {"error": "request timed out"}
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
+    except Exception as exc:  # a route's bug answers 500 and is logged; it never takes the node down
+        log.error(fmt("control_route_failed", error=f"{type(exc).__name__}: {exc}"), exc_info=True)
+        status, payload = 500, {"error": f"internal error: {type(exc).__name__}: {exc}"}
     data = json.dumps(payload, indent=2).encode() + b"\n"
     try:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -111,7 +114,8 @@ async def _route(routes: Sequence[Route], request: h11.Request, body: bytes) -> 
     method = request.method.decode()
     for route in routes:
         if route.matches(method, url.path):
-            return await route.handler(ControlRequest(method, url.path, parse_qs(url.query), body))
+            with trio.fail_after(route.timeout):
+                return await route.handler(ControlRequest(method, url.path, parse_qs(url.query), body))
     known = ", ".join(f"{r.method} {r.path}" for r in routes)
     return 404, {"error": f"no route {method} {url.path}; try {known}"}
 

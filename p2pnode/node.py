@@ -112,6 +112,7 @@ class Node:
             # Members (and configured bootstrap peers) are exempt from the caps and idle close that
             # the resource manager applies to strangers.
             host.set_protected(lambda peer: roster.is_member(peer) or peer in bootstrap_peers)
+            roster.on_change(host.protection_changed)
             bus = self.bus = DocumentBus(host, DocumentStore(db), roster, self.options.clock)
             blocks = BlockExchange(host, roster)
             ctx = ServiceContext(self.identity, config, host, db, self.options.clock, bus, roster, databases, blocks)

@@ -12,6 +12,7 @@ from .cluster.health import HealthService
 from .cluster.heartbeat import HeartbeatService
 from .cluster.membership import MembershipService
 from .cluster.status import StatusService
+from .deploy.service import DeployService
 from .platform.blocks import BlockService
 from .platform.documents_service import DocumentService
 from .platform.service import Service, ServiceContext
@@ -30,6 +31,7 @@ def build(ctx: ServiceContext, resolver: bootstrap.Resolver) -> list[Service]:
         ConnectivityService(ctx, membership, resolver),
         BlockService(ctx.blocks),
         SyncService(ctx, membership),
+        DeployService(ctx, membership),
         StatusService(ctx, membership, health, lambda: services),
     ]
     return services

@@ -1,6 +1,9 @@
 """Members-only protocols: what a stranger, an admin with its proof, and a member may read and
 push (issue 8: answer non-members with as little as possible)."""
 
+import logging
+from contextlib import AsyncExitStack
+
 import pytest
 import trio
 
@@ -12,7 +15,7 @@ from p2pnode.cluster.heartbeat import Heartbeat
 from p2pnode.cluster.status import fetch_status
 from p2pnode.host import HostConfig, open_host
 from p2pnode.identity import KeyPair
-from p2pnode.platform import bus
+from p2pnode.platform import bus, rpc
 from p2pnode.platform.rpc import RequestRefused
 from p2pnode.streamio import send_message
 
@@ -78,6 +81,43 @@ async def test_strangers_push_only_small_documents_and_not_many(member_pair, mon
     async with open_host(kit.admin, HostConfig()) as admin:  # the admin, showing its proof, is not limited
         conn = await admin.connect(a.full_addr)
         assert (await bus.push(admin, conn, big, auth=kit.proof())).result == "accepted"
+
+
+async def test_strangers_cost_few_pulls_and_hand_over_few_documents(member_pair, caplog):
+    """A node pulls from a stranger's new connection only now and then, and what a stranger's
+    pull reply brings counts against the same budget as strangers' pushes."""
+    kit, a, b = member_pair
+    caplog.set_level(logging.INFO, logger="p2pnode.bus")
+    bogus = [kit.revocation([KeyPair.generate()], signer=KeyPair.generate()) for _ in range(50)]
+    served = 0
+
+    async def serve_pull(request, conn):
+        nonlocal served
+        served += 1
+        return {"docs": [d.to_dict() for d in bogus], "need_have": [], "more": False}
+
+    strangers = bus.STRANGER_PULLS[0] + 5
+    skipped_before = a.node.bus.stranger_pulls_skipped  # (b may have used one pull as a stranger, before the snapshot)
+    async with AsyncExitStack() as stack:
+        for _ in range(strangers):
+            stranger = await stack.enter_async_context(open_host(KeyPair.generate(), HostConfig()))
+            rpc.serve(stranger, bus.PULL, serve_pull, bus.PULL_LIMITS)
+            await stranger.connect(a.full_addr)
+
+        def skipped() -> int:
+            return a.node.bus.stranger_pulls_skipped - skipped_before
+
+        def verified() -> int:
+            return sum(a.node.bus.rejection_counts("revocation").values())
+
+        await wait_for(lambda: served + skipped() == strangers, what="every stranger pulled from or skipped")
+        assert served <= bus.STRANGER_PULLS[0] and skipped() >= 5
+        await wait_for(lambda: verified() == bus.STRANGER_PUSHES[0], what="the documents within the budget verified")
+        with trio.move_on_after(1):  # and not one more, while the other pulls' replies are refused
+            while True:
+                assert verified() == bus.STRANGER_PUSHES[0]
+                await trio.sleep(0.05)
+    assert "rate_limited=" in caplog.text
 
 
 async def test_a_member_removed_while_its_heartbeat_stream_stays_open_is_cut_off(tmp_path, nursery):

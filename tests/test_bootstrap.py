@@ -6,6 +6,7 @@ import random
 import pytest
 import trio
 
+from clusterkit import ClusterKit, ClusterNode, wait_for
 from dnsserver import dnsmasq
 from p2pnode import bootstrap
 from p2pnode.cluster.connectivity import BACKOFF_CAP, backoff_delay
@@ -84,3 +85,27 @@ def test_backoff_is_exponential_jittered_and_capped():
         assert all(nominal * 0.5 <= d <= nominal for d in delays)
         assert max(delays) - min(delays) > nominal * 0.3  # jitter spreads retries
     assert backoff_delay(50, rng) <= 30.0
+
+
+async def test_a_bootstrap_peer_that_hangs_up_at_once_is_redialed_ever_more_slowly(tmp_path, nursery):
+    """A connection that ends right away counts as a failed attempt: no redial loop (issue 8)."""
+    accepted: list[float] = []
+
+    def hang_up(conn) -> None:
+        accepted.append(trio.current_time())
+        conn.nursery.start_soon(conn.muxer.aclose)
+
+    node = ClusterNode(ClusterKit(), tmp_path, "a")
+    key = KeyPair.generate()
+    while key.peer_id < node.peer_id:  # a smaller peer ID would be redialed only after DEFER_LARGER anyway
+        key = KeyPair.generate()
+    async with open_host(key, HostConfig(listen=(Multiaddr.parse("/ip4/127.0.0.1/tcp/0"),))) as peer:
+        peer.on_connected(hang_up)
+        node.set_bootstrap([("multiaddr", str(peer.full_addrs()[0]))])
+        await node.start(nursery)
+        await wait_for(lambda: len(accepted) >= 2, what="a redial")
+        await trio.sleep(5)  # a window to count redials in: 0.5 s doubling gives 3 or 4 more
+        await node.stop()
+    gaps = [b - a for a, b in zip(accepted, accepted[1:])]
+    assert len(accepted) <= 7, f"redialed {len(accepted)} times, gaps {gaps}"
+    assert gaps[-1] > gaps[0], f"the delay does not grow: {gaps}"

@@ -57,7 +57,8 @@ async def test_timeout_kills_the_whole_group_even_children_ignoring_sigterm(tmp_
     recorded = [int(p) for p in pids.read_text().split()]
     assert len(recorded) == 3 and started == [recorded[0]]
     await trio_wait(lambda: not any(alive(p) for p in recorded), 5, "every process of the group to die")
-    assert group_members(started[0]) == []
+    # the subshells too (SIGKILL is delivered at once, but exiting takes a moment on a busy machine)
+    await trio_wait(lambda: group_members(started[0]) == [], 5, "the process group to be empty")
 
 
 async def test_normal_exit_leaves_daemons_running_and_does_not_wait_for_their_pipe(tmp_path):

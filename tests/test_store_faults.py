@@ -89,3 +89,27 @@ async def test_a_large_snapshot_with_a_long_forwarded_to_is_forwarded_without_cr
     assert verdict.result == "accepted"
     await wait_for(lambda: b.node.membership.current_envelope == big, what="b got the big snapshot")
     assert a.node.bus.forward_drops == 0
+
+
+async def test_an_invalid_newest_snapshot_falls_back_to_the_previous_one_and_bad_rows_are_skipped(tmp_path, nursery, caplog):
+    import sqlite3
+
+    caplog.set_level(logging.INFO)
+    kit = ClusterKit()
+    a = ClusterNode(kit, tmp_path, "a")
+    await a.start(nursery)
+    first = kit.snapshot([a.member(["first"])])
+    await a.node.membership.offer(first)
+    second = kit.snapshot([a.member(["second"])])
+    await a.node.membership.offer(second)
+    await a.stop()
+    with sqlite3.connect(a.data_dir / "node.db") as db:
+        blob = db.execute("SELECT envelope FROM documents WHERE digest = ?", (second.digest(),)).fetchone()[0]
+        broken = bytearray(blob)
+        broken[broken.index(b"second")] ^= 0x01  # inside the signed payload: the signature no longer holds
+        db.execute("UPDATE documents SET envelope = ? WHERE digest = ?", (bytes(broken), second.digest()))
+        db.execute("INSERT INTO documents VALUES ('membership-snapshot', '', 'x', 'not a number', X'00', 'now', NULL)")
+    await a.start(nursery)
+    assert a.node.membership.current_envelope == first  # the newest valid one
+    assert a.node.health.state == "healthy"
+    assert "action=stored_document_invalid" in caplog.text

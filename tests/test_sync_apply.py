@@ -423,7 +423,7 @@ def test_blocks_of_a_file_still_being_written_are_served_never_through_a_symlink
     (root / "d" / f"{names.TEMP_PREFIX}g{names.TEMP_SUFFIX}").symlink_to(root / "d" / temp)
 
     def read(name: str) -> bytes | None:
-        return read_verified([(BlockLocation("f", name, 10, 1000), str(root))], digest)
+        return read_verified([(BlockLocation("f", name, 10, 1000), str(root))], digest, temp=True)
 
     got = read(f"d/{temp}")
     assert got == data and isinstance(got, VerifiedBlock) and got.digest == digest

@@ -50,19 +50,45 @@ def _recipe_archive() -> bytes:
     return buf.getvalue()
 
 
-def publish(artifact_dir: Path, version: str) -> TarAction:
-    """Put this version's artifacts in `artifact_dir`; returns the deploy.tar action that uses them."""
+def parts(version: str) -> tuple[bytes, list[tuple[bytes, str, int]]]:
+    """This version's artifacts: the archive holding build_chain.sh, and (data, path in the release,
+    mode) of each single file — the binaries, config.genesis and nodes.json."""
     def binary(name: str) -> bytes:
         return (HERE / "fake" / name).read_bytes().replace(b"@VERSION@", version.encode())
 
-    files = (
-        FileArtifact(_put(artifact_dir, binary("fisco-bcos")), "bin/fisco-bcos", 0o755),
-        FileArtifact(_put(artifact_dir, binary("fisco-bcos-lightnode")), "fisco-bcos-lightnode", 0o755),
-        FileArtifact(_put(artifact_dir, (HERE / "fake/config.genesis").read_bytes()), "config.genesis", 0o644),
-        FileArtifact(_put(artifact_dir, (HERE / "fake/nodes.json").read_bytes()), "nodes.json", 0o644),
-    )
-    return TarAction(_put(artifact_dir, _recipe_archive()), files, install_script=(HERE / "install.sh").read_text(),
-                     install_timeout=300.0)
+    files = [(binary("fisco-bcos"), "bin/fisco-bcos", 0o755), (binary("fisco-bcos-lightnode"), "fisco-bcos-lightnode", 0o755),
+             ((HERE / "fake/config.genesis").read_bytes(), "config.genesis", 0o644),
+             ((HERE / "fake/nodes.json").read_bytes(), "nodes.json", 0o644)]
+    return _recipe_archive(), files
+
+
+def action(archive: ArtifactRef, files: list[tuple[ArtifactRef, str, int]]) -> TarAction:
+    """The deploy.tar params, given the artifacts as they were published (locally or into the mesh)."""
+    return TarAction(archive, tuple(FileArtifact(ref, path, mode) for ref, path, mode in files),
+                     install_script=(HERE / "install.sh").read_text(), install_timeout=300.0)
+
+
+def publish(artifact_dir: Path, version: str) -> TarAction:
+    """Put this version's artifacts in `artifact_dir`; returns the deploy.tar action that uses them."""
+    archive, files = parts(version)
+    return action(_put(artifact_dir, archive), [(_put(artifact_dir, data), path, mode) for data, path, mode in files])
+
+
+def export(directory: Path, version: str) -> list[str]:
+    """Write this version's artifacts and scripts to `directory` for `p2pnode-admin deploy tar`;
+    returns the arguments that deploy them through the mesh."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive, files = parts(version)
+    (directory / "recipe.tar.gz").write_bytes(archive)
+    args = [str(directory / "recipe.tar.gz")]
+    for data, path, mode in files:
+        local = directory / path.replace("/", "_")
+        local.write_bytes(data)
+        args += ["--file", f"{local}:{path}:{mode:o}"]
+    for name in ("install.sh", "health.sh"):
+        (directory / name).write_text((HERE / name).read_text())
+    return [*args, "--app", APP.key, "--version", version, "--install-script", str(directory / "install.sh"),
+            "--start", SERVICE.start, "--stop", SERVICE.stop, "--health-script", str(directory / "health.sh")]
 
 
 def health(**overrides: float) -> HealthCheck:
@@ -84,16 +110,25 @@ def rollback_command(*, root: str, deploy_id: str, to_version: str | None = None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a lightnode deploy command and publish its artifacts locally")
-    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--artifacts", type=Path, help="local artifact directory (for python -m p2pnode.deploy.local)")
     parser.add_argument("--root", required=True, help="application root (inside the node's deploy.allowed_roots)")
     parser.add_argument("--version", required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--rollback", action="store_true", help="write a deploy.rollback to the previous release instead")
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="instead: write the artifacts and scripts to DIR and print the p2pnode-admin deploy tar arguments")
     args = parser.parse_args()
+    if args.export:
+        print(" ".join(["p2pnode-admin deploy tar", *export(args.export, args.version), "--root", args.root]))
+        return
     if args.rollback:
         cmd = rollback_command(root=args.root, deploy_id=f"lightnode-rollback-{timefmt.now_ns()}")
     else:
+        if args.artifacts is None or args.out is None:
+            parser.error("--artifacts and --out are needed (or --export DIR)")
         cmd = deploy_command(publish(args.artifacts, args.version), version=args.version, root=args.root)
+    if args.out is None:
+        parser.error("--out is needed")
     args.out.write_text(json.dumps(cmd.to_dict(), indent=2) + "\n")
     print(args.out)
 

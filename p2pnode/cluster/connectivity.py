@@ -2,7 +2,10 @@
 
 Targets are recomputed on membership changes, disconnects and every second. A target that is
 not connected is dialed; a failed dial waits an exponential backoff (0.5 s doubling, with
-jitter, capped at 30 s) before the next try, and a success resets it. Addresses come from the
+jitter, capped at 30 s) before the next try. A connection that stays up for STABLE_AFTER
+resets it; one that ends sooner counts as a failed attempt, so a peer that accepts and hangs up
+(a hostile bootstrap peer, a node crashing at start) is redialed ever more slowly, not in a
+tight loop. Addresses come from the
 snapshot, identify, and what this node has persisted from earlier runs. Only members' and
 bootstrap peers' addresses are persisted (`PeerAddressStore`), so strangers cannot grow the table.
 """
@@ -34,6 +37,7 @@ REBOOTSTRAP_INTERVAL = 60.0
 MAX_PARALLEL_DIALS = 4  # per node; enough to mesh quickly without starving the handshakes in flight
 IDLE_RECHECK = 30.0
 DEFER_LARGER = (3.0, 6.0)  # seconds the larger peer ID waits before its first dial of a pair
+STABLE_AFTER = 10.0  # a connection to a target that lasted this long resets its backoff
 
 log = logging.getLogger("p2pnode.connectivity")
 
@@ -97,11 +101,12 @@ class ConnectivityService(Service):
         self.rng = rng or random.Random()
         self.bootstrap: dict[PeerId | None, list[Multiaddr]] = {}
         self._backoff: dict[object, _Backoff] = {}
+        self._up_since: dict[PeerId, float] = {}  # connected targets: since when (for STABLE_AFTER)
         self._dialing: set[object] = set()
         self._wakeup = trio.Event()
         self._dial_limit = trio.CapacityLimiter(MAX_PARALLEL_DIALS)
-        self.host.on_disconnected(lambda conn: self.wake())
-        self.host.on_connected(self._remember)
+        self.host.on_disconnected(self._disconnected)
+        self.host.on_connected(self._connected)
         ctx.roster.on_change(self._on_membership)
 
     def wake(self) -> None:
@@ -114,8 +119,35 @@ class ConnectivityService(Service):
     def _known(self) -> frozenset[PeerId]:
         return self.ctx.roster.members | {p for p in self.bootstrap if p is not None}
 
+    def _target_keys(self, conn: Any) -> list[object]:
+        """The targets (keys of `targets()`) that `conn` is a connection to."""
+        keys: list[object] = [conn.peer_id] if conn.peer_id in self._known() else []
+        if conn.direction == "outbound":
+            keys += [str(a) for a in self.bootstrap.get(None, ()) if a.without_peer_id() == conn.remote_addr]
+        return keys
+
+    def _connected(self, conn: Any) -> None:
+        if self._target_keys(conn):
+            self._up_since.setdefault(conn.peer_id, trio.current_time())
+        self._remember(conn)
+
+    def _disconnected(self, conn: Any) -> None:
+        if self.host.connection_to(conn.peer_id) is None:  # not a duplicate closing beside a live one
+            since = self._up_since.pop(conn.peer_id, None)
+            now = trio.current_time()
+            for key in self._target_keys(conn):
+                if since is not None and now - since >= STABLE_AFTER:
+                    self._backoff.pop(key, None)
+                    continue
+                state = self._backoff.setdefault(key, _Backoff())
+                state.attempts += 1
+                delay = backoff_delay(state.attempts, self.rng)
+                state.next_at = now + delay
+                log.debug(fmt("redial_backoff", peer=key, attempt=state.attempts, retry_in=f"{delay:.1f}s",
+                              reason=f"connection lasted {now - since:.1f}s" if since is not None else "connection ended"))
+        self.wake()
+
     def _remember(self, conn: Any) -> None:
-        self._backoff.pop(conn.peer_id, None)
         if conn.peer_id not in self._known():
             return  # strangers' addresses are never persisted
         addrs = self.host.peerstore.addrs(conn.peer_id)
@@ -185,7 +217,6 @@ class ConnectivityService(Service):
                     conn = await self.host.connect(addrs[0])
                     if conn.peer_id == self.host.peer_id:
                         await conn.muxer.aclose()
-            self._backoff.pop(key, None)
         except (P2PNodeError, OSError, trio.TooSlowError) as exc:
             state = self._backoff.setdefault(key, _Backoff())
             state.attempts += 1

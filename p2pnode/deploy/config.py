@@ -1,7 +1,11 @@
 """The node's `deploy` settings (a section of its config.json), validated with errors naming the field.
 
 Deploys are off unless `allowed_roots` names at least one directory: a command whose application
-root is not inside one of them is refused. Everything else has a default.
+root is not inside one of them is refused. Everything else has a default. The artifact limits bound
+what this node stores for the mesh: an upload or a fetch larger than `max_artifact_bytes`, or one
+that would leave less than `min_free_bytes` free on the artifact filesystem, is refused; stored
+artifacts younger than `artifact_min_age` seconds are kept even when nothing references them yet
+(an upload waiting for its deploy command).
 """
 
 from __future__ import annotations
@@ -34,10 +38,37 @@ class DeployConfig:
     keep_finished: int = 1000
     kill_grace: float = 2.0
     tar: TarLimits = TarLimits()
+    max_artifact_bytes: int = 8 * 1024**3
+    min_free_bytes: int = 1024**3
+    artifact_min_age: float = 3600.0
+    report_interval: float = 1.0  # progress reports of one deploy are coalesced to one per this many seconds
 
     @property
     def enabled(self) -> bool:
         return bool(self.allowed_roots)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (what config.json needs to say)."""
+        out: dict[str, Any] = {"allowed_roots": [str(p) for p in self.allowed_roots]}
+        default = DeployConfig(host=self.host)
+        for field in attrs.fields(DeployConfig):
+            value = getattr(self, field.name)
+            if field.name in ("allowed_roots", "tar") or value == getattr(default, field.name):
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif field.name in ("env", "docker_env"):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        if self.host != socket.gethostname():
+            out["host"] = self.host
+        else:
+            out.pop("host", None)
+        if self.tar != TarLimits():
+            out.update(max_archive_entries=self.tar.max_entries, max_archive_bytes=self.tar.max_total_bytes)
+        return out
 
 
 def _fail(field: str, value: Any, allowed: str) -> ConfigError:
@@ -89,15 +120,17 @@ def parse(raw: dict[str, Any], data_dir: Path) -> DeployConfig:
     for key in ("env", "docker_env"):
         if key in raw:
             kw[key] = _env(raw, key)
-    for key, low, high in (("max_log_bytes", 4096, 64 * 1024**2), ("max_pending_per_app", 1, 1000), ("keep_finished", 10, 10**6)):
+    for key, low, high in (("max_log_bytes", 4096, 64 * 1024**2), ("max_pending_per_app", 1, 1000), ("keep_finished", 10, 10**6),
+                           ("max_artifact_bytes", 1, 1 << 46), ("min_free_bytes", 0, 1 << 50)):
         if key in raw:
             if isinstance(raw[key], bool) or not isinstance(raw[key], int) or not low <= raw[key] <= high:
                 raise _fail(key, raw[key], f"expected an integer from {low} to {high}")
             kw[key] = raw[key]
-    if "kill_grace" in raw:
-        if isinstance(raw["kill_grace"], bool) or not isinstance(raw["kill_grace"], (int, float)) or not 0 <= raw["kill_grace"] <= 300:
-            raise _fail("kill_grace", raw["kill_grace"], "expected seconds from 0 to 300")
-        kw["kill_grace"] = float(raw["kill_grace"])
+    for key, low, high in (("kill_grace", 0, 300), ("artifact_min_age", 0, 30 * 86400), ("report_interval", 0, 60)):
+        if key in raw:
+            if isinstance(raw[key], bool) or not isinstance(raw[key], (int, float)) or not low <= raw[key] <= high:
+                raise _fail(key, raw[key], f"expected seconds from {low} to {high}")
+            kw[key] = float(raw[key])
     limits = {}
     for key, name in (("max_archive_entries", "max_entries"), ("max_archive_bytes", "max_total_bytes")):
         if key in raw:

@@ -58,7 +58,12 @@ CREATE TABLE reports (
     seq INTEGER NOT NULL,
     report BLOB NOT NULL,
     PRIMARY KEY (deploy_id, seq));
-""", "deploy journal")]
+""", "deploy journal"), Migration(2, """
+CREATE TABLE seen (
+    deploy_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    valid_until_ns INTEGER NOT NULL);
+""", "deploy IDs of accepted signed commands (replay protection)")]
 
 
 @attrs.frozen
@@ -120,6 +125,21 @@ class Journal:
 
     async def close(self) -> None:
         await self.db.close()
+
+    # ---- replay protection: deploy IDs of signed commands this node accepted ----------------------
+
+    async def seen(self, now_ns: int) -> dict[str, tuple[str, int]]:
+        """deploy_id -> (command digest, valid_until) of every remembered command; expired ones
+        (refused by their validity window anyway) are forgotten."""
+        def load(conn: sqlite3.Connection) -> dict[str, tuple[str, int]]:
+            conn.execute("DELETE FROM seen WHERE valid_until_ns < ?", (now_ns,))
+            return {r[0]: (r[1], r[2]) for r in conn.execute("SELECT deploy_id, digest, valid_until_ns FROM seen")}
+        return await self.db.write(load)
+
+    def remember(self, deploy_id: str, digest: str, valid_until_ns: int) -> None:
+        """Queued (batched) write: the bus has stored the command durably already."""
+        self.db.queue("INSERT OR IGNORE INTO seen (deploy_id, digest, valid_until_ns) VALUES (?, ?, ?)",
+                      (deploy_id, digest, valid_until_ns))
 
     async def accept(self, command: DeployCommand, report: DeployReport, max_pending: int) -> None:
         """Journal a new deploy as `pending`; refuses a deploy ID seen before and a full queue."""

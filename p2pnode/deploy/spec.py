@@ -7,7 +7,8 @@ relays these; here they are plain frozen values with `to_dict()/from_dict()` for
 validates every field at the edge and names it in the DecodeError; every string, list and map has
 a hard limit. `${installPath}`, `${env}`, `${version}` and `${host}` in the command's strings are
 substituted per release by `DeployCommand.resolve` (other `${...}`, such as shell variables, are
-left alone).
+left alone); `${host}` in the application root is substituted by the node before it runs the
+command (several hosts sharing one filesystem, or several nodes on one machine).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ MAX_PEERS = 10_000
 MAX_LABELS = 64
 MAX_FUTURE_NS = 5 * 60 * timefmt.NS  # commands dated further ahead than this are refused
 MAX_WINDOW_NS = 30 * 24 * 3600 * timefmt.NS
+DEFAULT_PROGRESS_DEADLINE = 600.0  # Nomad's progress_deadline default (10 min)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
@@ -122,7 +124,7 @@ def _seconds(f: Fields, key: str, default: float, low: float = 0.001, high: floa
     if isinstance(f.raw.get(key), bool):
         raise DecodeError(f"{f.what}: field {key!r} must be a number of seconds")
     value = f.number(key, optional=True, default=default)
-    if not low <= value <= high:
+    if value is None or not low <= value <= high:
         raise DecodeError(f"{f.what}: field {key!r} is {value}; expected seconds between {low} and {high:g}")
     return value
 
@@ -346,20 +348,25 @@ class Targets:
 @attrs.frozen
 class Rollout:
     """Waves across nodes (Nomad's update stanza): at most `max_parallel` at a time; more than
-    `max_failures` failed nodes halt the rest, and `auto_revert` rolls the updated ones back."""
+    `max_failures` failed nodes halt the rest, and `auto_revert` rolls the updated ones back.
+    `progress_deadline` (Nomad's): a node of a wave that has sent no final report this many
+    seconds after its wave could start counts as failed (see p2pnode/deploy/rollout.py)."""
 
     max_parallel: int = 1
     max_failures: int = 0
     auto_revert: bool = False
+    progress_deadline: float = DEFAULT_PROGRESS_DEADLINE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_parallel": self.max_parallel, "max_failures": self.max_failures, "auto_revert": self.auto_revert}
+        return {"max_parallel": self.max_parallel, "max_failures": self.max_failures, "auto_revert": self.auto_revert,
+                "progress_deadline": self.progress_deadline}
 
     @classmethod
     def from_dict(cls, raw: dict[Any, Any]) -> Rollout:
         f = Fields(raw, "deploy rollout")
         return cls(_int(f, "max_parallel", 1, 1, MAX_PEERS), _int(f, "max_failures", 0, 0, MAX_PEERS),
-                   f.boolean("auto_revert", optional=True, default=False))
+                   f.boolean("auto_revert", optional=True, default=False),
+                   _seconds(f, "progress_deadline", DEFAULT_PROGRESS_DEADLINE, 1.0, MAX_TIMEOUT))
 
 
 @attrs.frozen

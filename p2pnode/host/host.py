@@ -141,6 +141,10 @@ class Host:
         cheap; changes are picked up within a few seconds."""
         self._protected = predicate
 
+    def protection_changed(self) -> None:
+        """The predicate's answers changed (a new membership): re-check every peer now."""
+        self.resources.recheck_protection()
+
     def is_protected(self, peer_id: PeerId) -> bool:
         return self._protected(peer_id)
 
@@ -370,7 +374,8 @@ class Host:
         for c in live:
             if c is not keep:
                 c.superseded = True
-                log.info(fmt("connection_superseded", peer=peer_id, direction=c.direction))
+                level = logging.INFO if c.protected else logging.DEBUG  # a stranger can connect twice at will
+                log.log(level, fmt("connection_superseded", peer=peer_id, direction=c.direction))
                 if c is not new and self._nursery is not None:
                     self._nursery.start_soon(self._drain, c)
 

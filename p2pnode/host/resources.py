@@ -615,6 +615,17 @@ class ResourceManager:
                          memory=self.total.used, connections=self.connections))
             self.counts.clear()
 
+    def recheck_protection(self) -> None:
+        """Apply a membership change now rather than at the next sweep: peers that became members
+        leave the stranger limits at once, and strikes they collected as strangers are forgiven
+        (a node joining a cluster pushes and pulls a lot before the snapshot that lists it arrives)."""
+        for peer in list(self.peers.values()):
+            protected = bool(self.is_protected(peer.peer_id))
+            if protected != peer.protected:
+                self._set_protected(peer, protected)
+                if protected:
+                    self._offenders.pop(peer.peer_id, None)
+
     def _set_protected(self, peer: PeerAccount, protected: bool) -> None:
         peer.protected = protected
         sign = -1 if protected else 1

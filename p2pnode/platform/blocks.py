@@ -8,18 +8,16 @@ counted, logged and avoided for a while. `fetch` spreads requests over the candi
 choosing the one with the fewest requests in flight; `ByteBudget` bounds the bytes a puller has
 in flight (Syncthing uses 32 MiB per folder).
 
-Per peer, `fetch` keeps what one connection can take: at most MAX_REQUESTS_PER_PEER requests in
-flight (each is a stream; the peer refuses inbound streams beyond its per-connection limit, 128
-by default) and, for requests whose size the caller names, replies that fit in half of this
-node's per-connection memory (a reply is reserved at its length, plus its stream's receive
-window, which grows with it). Sync's 32 MiB in flight against one peer otherwise filled the
-32 MiB a connection may buffer and blocks failed (benchmarks/sync.py). Should this node's own
-memory limit still refuse a request (its size unknown), that is not the peer's fault: the peer's
-cap on requests in flight is halved (and grows back by one per reply), and the request waits for
-another one to finish and asks again.
+Per peer, besides the bytes of replies awaited (PEER_INFLIGHT_BYTES), at most
+MAX_REQUESTS_PER_PEER requests are in flight: each is a stream, and the peer refuses inbound
+streams beyond its per-connection limit (128 by default; 256 KiB blocks at 32 MiB in flight were
+refused so, benchmarks/sync.py). A request that this node's own memory limit refuses is not the
+peer's fault: the requests allowed at once to that peer are halved (and grow back by one per
+reply), and the request waits for another one to finish and is asked again.
 
 Bytes are hashed once per hop: a provider that has already checked what it read returns a
-`VerifiedBlock`, and `fetch` returns one, so neither the server nor the caller hashes again.
+`VerifiedBlock`, and `fetch` returns one, so neither the server nor the caller hashes again;
+large blocks are hashed on a worker thread, not on the event loop.
 
 Request `{hash: bstr .size 32}` → reply `{data: bstr}` or `{missing: true}` (or `{error:
 "forbidden"}` to a non-member). Spec: protocols/blocks.md.
@@ -38,7 +36,6 @@ import trio
 
 from .. import codec
 from ..errors import P2PNodeError
-from ..host.resources import MIN_STREAM_MEMORY
 from ..identity import PeerId
 from ..logfmt import fmt
 from ..streamio import ResourceLimitExceeded
@@ -50,17 +47,19 @@ PROTOCOL = "/p2pnode/blocks/1.0.0"
 MAX_BLOCK = 4 << 20
 LIMITS = rpc.Limits(max_request=256, max_reply=MAX_BLOCK + 256, timeout=30.0)
 AVOID_AFTER = 3  # wrong blocks before a peer is avoided
+PEER_INFLIGHT_BYTES = 8 << 20  # replies in flight from one peer: well under the host's per-connection memory budget
+SUSPECT_FOR = 30.0  # a peer that let a request time out is "suspect" this long (a dead link looks alive until keepalive notices)
+SUSPECT_TIMEOUT = 3.0  # a suspect peer is asked with this deadline,
+SUSPECT_PROBE_EVERY = 2.0  # at most this often; in between, requests that only it could answer fail at once
 AVOID_FOR = 300.0  # seconds
-MAX_REQUESTS_PER_PEER = 32  # block requests in flight to one peer (a quarter of its default inbound streams per connection)
-DEFAULT_PEER_BYTES = 16 << 20  # reply bytes in flight to one peer when the host has no resource limits to go by
+MAX_REQUESTS_PER_PEER = 64  # block requests in flight to one peer: half its default inbound streams per connection
 LOCAL_LIMIT_RETRIES = 40  # times a request refused by this node's own memory limit is asked again
-LOCAL_LIMIT_WAIT = 0.05  # seconds at most between those
+LOCAL_LIMIT_WAIT = 0.05  # seconds at most between those (a closed stream's memory comes back when both sides closed it)
 HASH_OFF_THREAD = 256 << 10  # larger blocks are hashed on a worker thread, not on the event loop
 
 log = logging.getLogger("p2pnode.blocks")
 
 Provider = Callable[[bytes], Awaitable[bytes | None]]
-Sources = Callable[[], tuple[Sequence[PeerId], Sequence[PeerId]]]  # () -> (candidates, fallback), asked again while waiting
 
 
 class VerifiedBlock(bytes):
@@ -116,6 +115,19 @@ class ByteBudget:
         self._changed.set()
         self._changed = trio.Event()
 
+    def has_room(self, n: int) -> bool:
+        return not self.used or self.used + n <= self.limit
+
+    def try_acquire(self, n: int) -> bool:
+        """Take `n` bytes now if there is room, without waiting."""
+        if not self.has_room(n):
+            return False
+        self.used += n
+        return True
+
+    async def wait_released(self) -> None:
+        await self._changed.wait()
+
 
 class BlockExchange:
     def __init__(self, host: Any, roster: Roster, *, allow: Callable[[PeerId], bool] | None = None,
@@ -125,12 +137,13 @@ class BlockExchange:
         self.providers: list[Provider] = []
         self.peers: dict[PeerId, PeerCounters] = {}
         self.inflight: Counter[PeerId] = Counter()
-        self.inflight_bytes: Counter[PeerId] = Counter()
         self.max_requests_per_peer = max_requests_per_peer
-        limits = getattr(getattr(host, "resources", None), "limits", None)
-        self.max_bytes_per_peer = limits.connection_memory // 2 if limits is not None else DEFAULT_PEER_BYTES
-        self._released = trio.Event()
-        self._caps: dict[PeerId, int] = {}  # peers whose requests in flight are capped lower, after local refusals
+        self.sending: Counter[PeerId] = Counter()  # requests on the wire (inflight also counts those waiting for bytes)
+        self._caps: dict[PeerId, int] = {}  # lower caps on requests at once, after this node's memory refused some
+        self._request_done = trio.Event()
+        self._peer_budgets: dict[PeerId, ByteBudget] = {}
+        self._suspect_until: dict[PeerId, float] = {}
+        self._probe_at: dict[PeerId, float] = {}
         self._strikes: dict[PeerId, tuple[int, float]] = {}
         self.blocks_served = 0
         self.hash_failures = 0
@@ -143,8 +156,13 @@ class BlockExchange:
             del self.peers[peer]
         for peer in [p for p in self._strikes if not self.roster.is_member(p)]:
             del self._strikes[peer]
+        for peer in [p for p, b in self._peer_budgets.items() if not b.used and not self.roster.is_member(p)]:
+            del self._peer_budgets[peer]
         for peer in [p for p in self._caps if not self.roster.is_member(p)]:
             del self._caps[peer]
+        for peer in [p for p in self._suspect_until if not self.roster.is_member(p)]:
+            del self._suspect_until[peer]
+            self._probe_at.pop(peer, None)
 
     def add_provider(self, provider: Provider) -> None:
         self.providers.append(provider)
@@ -177,6 +195,13 @@ class BlockExchange:
         return {"data": data}
 
     # -- fetching -------------------------------------------------------------------------------
+    def budget(self, peer: PeerId) -> ByteBudget:
+        """The bytes of replies awaited from `peer` (callers may check for room before choosing it)."""
+        budget = self._peer_budgets.get(peer)
+        if budget is None:
+            budget = self._peer_budgets[peer] = ByteBudget(PEER_INFLIGHT_BYTES)
+        return budget
+
     def avoided(self, peer: PeerId) -> bool:
         strikes = self._strikes.get(peer)
         return strikes is not None and strikes[0] >= AVOID_AFTER and trio.current_time() < strikes[1]
@@ -188,34 +213,54 @@ class BlockExchange:
             log.warning(fmt("peer_avoided", peer=peer, reason="sent wrong blocks", seconds=int(AVOID_FOR)))
 
     async def fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId] = (),
-                    size: int | None = None, *, sources: Sources | None = None) -> tuple[VerifiedBlock, PeerId]:
-        """The block `digest` from one of `candidates` (least busy first, avoided peers last), then
-        from `fallback` in its order (e.g. the original source, asked only when no one else has
-        it); verified. Raises BlockUnavailable when none supplies it.
+                    size: int = MAX_BLOCK, reserved: PeerId | None = None) -> tuple[VerifiedBlock, PeerId]:
+        """The block `digest` (of `size` bytes, at most) from one of `candidates` (least busy first,
+        avoided peers last), then from `fallback` in its order (e.g. the original source, asked
+        only when no one else has it); verified. Raises BlockUnavailable when none supplies it.
+        At most PEER_INFLIGHT_BYTES of replies are awaited from one peer at a time; `reserved`:
+        a peer whose budget the caller already took `size` from (released here)."""
+        held = [reserved] if reserved is not None else []
+        try:
+            return await self._fetch(digest, candidates, fallback, size, held)
+        finally:
+            for peer in held:  # a reservation the attempts did not use
+                self.budget(peer).release(size)
 
-        `size`, when the caller knows it, lets the exchange keep the bytes in flight to one peer
-        within what its connection may buffer. `sources`, when given, is asked again for
-        (candidates, fallback) whenever the peer to ask has no free slot: the request waits for
-        one, and meanwhile another peer may have got the block (swarming: the source's slots are
-        not taken by blocks that the other receivers are about to have)."""
-        # A reply is reserved at its length, and its stream's receive window (reserved too) may grow
-        # to about twice that while it arrives.
-        cost = 3 * size + MIN_STREAM_MEMORY if size is not None else 0
-        reasons: list[str] = []
-        asked: set[PeerId] = set()
-        while True:
-            order = self._order(candidates, fallback, asked)
-            if not order:
-                raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
-            peer = order[0]
-            if sources is not None and not self._room(peer, cost):
-                await self._released.wait()
-                candidates, fallback = sources()
+    async def _fetch(self, digest: bytes, candidates: Sequence[PeerId], fallback: Sequence[PeerId], size: int,
+                     held: list[PeerId]) -> tuple[VerifiedBlock, PeerId]:
+        now = trio.current_time()
+        usable = [p for p in candidates if p != self.roster.me]
+        order = sorted(usable, key=lambda p: (self.avoided(p), self._suspect_until.get(p, 0) > now, self.inflight[p]))
+        order += sorted((p for p in fallback if p != self.roster.me and p not in order),
+                        key=lambda p: self._suspect_until.get(p, 0) > now)
+        reasons = []
+        for peer in order:
+            budget = self.budget(peer)
+            now = trio.current_time()
+            suspect = self._suspect_until.get(peer, 0) > now
+            if suspect:
+                if self._probe_at.get(peer, 0) > now:
+                    reasons.append(f"{peer.short()}: not answering")
+                    continue  # fail fast: the caller gets on with blocks other peers have
+                self._probe_at[peer] = now + SUSPECT_PROBE_EVERY
+            limits = attrs.evolve(LIMITS, timeout=SUSPECT_TIMEOUT) if suspect else LIMITS
+            self.inflight[peer] += 1
+            if peer in held:
+                held.remove(peer)  # taken by the caller: released below like our own
+            else:
+                await budget.acquire(size)
+            try:
+                reply = await self._request(peer, digest, limits)
+            except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if "timed out" in str(exc) or "no reply within" in str(exc):
+                    self._suspect_until[peer] = trio.current_time() + SUSPECT_FOR
+                reasons.append(f"{peer.short()}: {exc}")
                 continue
-            asked.add(peer)
-            reply = await self._request(peer, digest, cost, reasons)
-            if reply is None:
-                continue
+            finally:
+                budget.release(size)
+                self.inflight[peer] -= 1
+                if not self.inflight[peer]:
+                    del self.inflight[peer]
             data = reply.get("data")
             c = self.counters(peer)
             if not isinstance(data, bytes):
@@ -231,70 +276,36 @@ class BlockExchange:
                 continue
             c.bytes_in += len(data)
             c.blocks_in += 1
+            self._suspect_until.pop(peer, None)
+            self._probe_at.pop(peer, None)
             return VerifiedBlock(data, digest), peer
+        raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
 
-    def _order(self, candidates: Sequence[PeerId], fallback: Sequence[PeerId], asked: set[PeerId]) -> list[PeerId]:
-        usable = [p for p in candidates if p != self.roster.me and p not in asked]
-        order = sorted(usable, key=lambda p: (self.avoided(p), self.inflight[p]))
-        return order + [p for p in fallback if p != self.roster.me and p not in asked and p not in order]
-
-    async def _request(self, peer: PeerId, digest: bytes, cost: int, reasons: list[str]) -> dict[str, Any] | None:
-        """One block request to `peer` in a slot of its own; None (and the reason) if it failed."""
+    async def _request(self, peer: PeerId, digest: bytes, limits: rpc.Limits) -> dict[str, Any]:
+        """One request, on a stream of its own, with fewer than max_requests_per_peer to `peer` on the wire."""
         for attempt in range(LOCAL_LIMIT_RETRIES + 1):
-            await self._acquire(peer, cost)
+            while self.sending[peer] >= self._caps.get(peer, self.max_requests_per_peer):
+                await self._request_done.wait()
+            self.sending[peer] += 1
             try:
-                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, LIMITS)
-                self._widen(peer)
+                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, limits)
+                cap = self._caps.pop(peer, None)
+                if cap is not None and cap + 1 < self.max_requests_per_peer:
+                    self._caps[peer] = cap + 1  # back up by one per reply
                 return reply
-            except ResourceLimitExceeded as exc:  # this node's own limit: not the peer's doing
-                self._narrow(peer)
+            except ResourceLimitExceeded:  # this node's own memory: not the peer's doing; fewer at once to it
+                self._caps[peer] = max(1, min(self._caps.get(peer, self.max_requests_per_peer), self.sending[peer]) // 2)
                 if attempt == LOCAL_LIMIT_RETRIES:
-                    reasons.append(f"{peer.short()}: {exc}")
-                    return None
-            except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                reasons.append(f"{peer.short()}: {exc}")
-                return None
+                    raise
             finally:
-                self._release(peer, cost)
-            # Until another request finishes, or a moment for streams that ended to give back
-            # their windows (a stream's memory is freed when both sides have closed it).
+                self.sending[peer] -= 1
+                if not self.sending[peer]:
+                    del self.sending[peer]
+                self._request_done.set()
+                self._request_done = trio.Event()
             with trio.move_on_after(LOCAL_LIMIT_WAIT):
-                await self._released.wait()
-        return None
-
-    def _room(self, peer: PeerId, cost: int) -> bool:
-        return self.inflight[peer] < self._caps.get(peer, self.max_requests_per_peer) and not (
-            self.inflight_bytes[peer] and self.inflight_bytes[peer] + cost > self.max_bytes_per_peer)
-
-    async def _acquire(self, peer: PeerId, cost: int) -> None:
-        """A request slot to `peer`: fewer requests in flight than its cap, and `cost` more bytes
-        within max_bytes_per_peer (a single request larger than that still goes, alone)."""
-        while not self._room(peer, cost):
-            await self._released.wait()
-        self.inflight[peer] += 1
-        self.inflight_bytes[peer] += cost
-
-    def _narrow(self, peer: PeerId) -> None:
-        """This node's memory refused a request to `peer`: halve the requests it may have in flight
-        there (requests of unknown size are only bounded this way)."""
-        self._caps[peer] = max(1, min(self._caps.get(peer, self.max_requests_per_peer), self.inflight[peer]) // 2)
-
-    def _widen(self, peer: PeerId) -> None:
-        cap = self._caps.get(peer)
-        if cap is not None:
-            if cap + 1 >= self.max_requests_per_peer:
-                del self._caps[peer]
-            else:
-                self._caps[peer] = cap + 1
-
-    def _release(self, peer: PeerId, cost: int) -> None:
-        self.inflight[peer] -= 1
-        self.inflight_bytes[peer] -= cost
-        if not self.inflight[peer]:
-            del self.inflight[peer]
-            del self.inflight_bytes[peer]
-        self._released.set()
-        self._released = trio.Event()
+                await self._request_done.wait()  # until another request is done, then ask again
+        raise AssertionError("unreachable")
 
     def status(self) -> Mapping[str, Any]:
         return {

@@ -20,7 +20,9 @@ Protocols (spec: protocols/documents.md):
                            differ → the documents the asker lacks. Members, and whoever presents a
                            valid admin proof for the key it connected with (`auth`), get every type;
                            anyone else only the public ones (revocations). A node pulls from every
-                           new connection (quietly skipping peers that serve no pull, such as the CLI).
+                           new connection of a member or protected peer (bootstrap), quietly
+                           skipping peers that serve no pull (the CLI), and from a few strangers'
+                           connections: STRANGER_PULLS, whose documents count as strangers' pushes.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ MAX_FORWARDED_TO = 10_000
 MAX_PULL_ROUNDS = 16
 MAX_FORWARDS_IN_FLIGHT = 256
 STRANGER_MAX_DOCUMENT = 1 << 20
-STRANGER_PUSHES = (20, 10.0)  # non-members together: at most 20 pushes per 10 s
+STRANGER_PUSHES = (20, 10.0)  # non-members together: at most 20 documents per 10 s, pushed or pulled from them
+STRANGER_PULLS = (10, 10.0)  # pulls from non-members' new connections: at most 10 per 10 s, node-wide
 OFF_LOOP_BYTES = 64 << 10  # verify payloads larger than this on a worker thread
 
 log = logging.getLogger("p2pnode.bus")
@@ -143,8 +146,10 @@ class DocumentBus:
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._forwards = 0
-        self._stranger_pushes: deque[float] = deque()
+        self._stranger_docs = _Window(*STRANGER_PUSHES)
+        self._stranger_pulls = _Window(*STRANGER_PULLS)
         self.forward_drops = 0
+        self.stranger_pulls_skipped = 0
         rpc.serve(host, PUSH, self._serve_push, PUSH_LIMITS)
         rpc.serve(host, PULL, self._serve_pull, PULL_LIMITS)
         host.on_connected(self._on_connected)
@@ -332,18 +337,13 @@ class DocumentBus:
         return verdict.to_dict()
 
     def _stranger_refusal(self, env: Envelope) -> Verdict | None:
-        """Non-members (the admin tool without its key, or anyone) may push signed documents, but
-        small ones and not many: together at most STRANGER_PUSHES per window."""
+        """Non-members (the admin tool without its key, or anyone) may hand us signed documents
+        (push, or answer our pull), but small ones and not many: together at most STRANGER_PUSHES."""
         if len(env.payload) > STRANGER_MAX_DOCUMENT:
             return Verdict("rejected", "too_large", f"documents from non-members are limited to {STRANGER_MAX_DOCUMENT >> 20} MiB; "
                            "push as an admin (with its key and proof) for larger ones")
-        now = trio.current_time()
-        count, window = STRANGER_PUSHES
-        while self._stranger_pushes and now - self._stranger_pushes[0] >= window:
-            self._stranger_pushes.popleft()
-        if len(self._stranger_pushes) >= count:
+        if not self._stranger_docs.take(trio.current_time()):
             return Verdict("rejected", "rate_limited", "too many pushes from non-members just now; try again in a few seconds")
-        self._stranger_pushes.append(now)
         return None
 
     def summary(self, type_: str) -> str:
@@ -406,25 +406,36 @@ class DocumentBus:
 
     # -- pulling -------------------------------------------------------------------------------
     def _on_connected(self, conn: Any) -> None:
-        conn.nursery.start_soon(self._pull_quietly, conn)
+        # A stranger's connection costs a pull only now and then: anyone can open thousands.
+        stranger = not conn.protected and not self.roster.is_member(conn.peer_id)
+        if stranger and not self._stranger_pulls.take(trio.current_time()):
+            self.stranger_pulls_skipped += 1
+            return
+        conn.nursery.start_soon(self._pull_quietly, conn, stranger)
 
-    async def _pull_quietly(self, conn: Any) -> None:
+    async def _pull_quietly(self, conn: Any, stranger: bool) -> None:
         try:
-            await self.pull_from(conn)
+            await self.pull_from(conn, stranger=stranger)
         except (rpc.RequestRefused, NegotiationFailed) as exc:
             # Clients (the CLI, the admin tool) serve no pull; a node may refuse a non-member.
             log.debug(fmt("pull_skipped", peer=conn.peer_id, reason=str(exc)))
         except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info(fmt("pull_failed", peer=conn.peer_id, reason=str(exc) or type(exc).__name__))
+            log.log(logging.DEBUG if stranger else logging.INFO,
+                    fmt("pull_failed", peer=conn.peer_id, reason=str(exc) or type(exc).__name__))
 
     def have_lists(self, types: Iterable[str]) -> dict[str, list[list[Any]]]:
         return {t: [[k, h.issued_at_ns, h.digest] for k, h in sorted(self.held[t].items())] for t in types if t in self.held}
 
-    async def pull_from(self, peer: Any) -> int:
-        """Ask a peer for every document we lack; offer each as if pushed. Returns how many were accepted."""
+    async def pull_from(self, peer: Any, *, stranger: bool = False) -> int:
+        """Ask a peer for every document we lack; offer each as if pushed (by a non-member, with
+        its limits, when `stranger`). Returns how many were accepted."""
         accepted = 0
         rejected: Counter[str] = Counter()
         source = peer.peer_id if hasattr(peer, "peer_id") else peer
+        # What a pull brings is not forwarded: the others had it from the push that spread it, or
+        # will pull it themselves when they connect (forwarding every pulled document to every
+        # member made each new connection a flood).
+        everyone = frozenset(self.roster.members)
         send_have: list[str] = []
         cursor: object = None
         for _ in range(MAX_PULL_ROUNDS):
@@ -436,13 +447,17 @@ class DocumentBus:
             reply = await rpc.request(self.host, peer, PULL, request, PULL_LIMITS)
             docs, need_have, more = _pull_reply(reply)
             cursor = reply.get("cursor")
-            for raw in docs:
+            for i, raw in enumerate(docs):
                 try:
                     env = Envelope.from_dict(raw)
                 except DecodeError:
                     rejected["malformed"] += 1
                     continue
-                verdict = await self.offer(env, source)
+                verdict = (self._stranger_refusal(env) if stranger else None) or await self.offer(env, source, everyone)
+                if verdict.code == "rate_limited":
+                    rejected["rate_limited"] += len(docs) - i
+                    more, need_have = False, []
+                    break
                 if verdict.result == "accepted":
                     accepted += 1
                 elif verdict.result == "rejected":
@@ -454,8 +469,26 @@ class DocumentBus:
             if not more:
                 break
         if rejected:
-            log.info(fmt("pull_rejected", peer=source, **{code: n for code, n in sorted(rejected.items())[:8]}))
+            limited.info(log, fmt("pull_rejected", peer=source, **{code: n for code, n in sorted(rejected.items())[:8]}),
+                         key="pull_rejected")
         return accepted
+
+
+class _Window:
+    """At most `count` events per `seconds` (a sliding window)."""
+
+    def __init__(self, count: int, seconds: float):
+        self.count, self.seconds = count, seconds
+        self._times: deque[float] = deque()
+
+    def take(self, now: float) -> bool:
+        """Count one event now, or False if the window is full."""
+        while self._times and now - self._times[0] >= self.seconds:
+            self._times.popleft()
+        if len(self._times) >= self.count:
+            return False
+        self._times.append(now)
+        return True
 
 
 def _peer_set(raw: object) -> frozenset[PeerId]:

@@ -67,6 +67,7 @@ class Route:
     path: str  # exact path, or a prefix ending in "/" that matches everything below it
     handler: ControlHandler
     help: str = ""
+    timeout: float = 10.0  # seconds for the whole request (a rescan may take longer than a status read)
 
     def matches(self, method: str, path: str) -> bool:
         if method != self.method:

@@ -92,7 +92,7 @@ class FetchFailed(ApplyError):
     """The block source could not provide a block."""
 
 
-def check_allowed(folder_id: str, target_path: str, allowed_roots: Sequence[str]) -> str:
+def check_allowed(folder_id: str, target_path: str, allowed_roots: Sequence[str], *, what: str = "target_path") -> str:
     """The real path of target_path if it lies under one of `allowed_roots`; NotAllowed otherwise."""
     real = os.path.realpath(target_path)
     for root in allowed_roots:
@@ -101,9 +101,9 @@ def check_allowed(folder_id: str, target_path: str, allowed_roots: Sequence[str]
             return real
     shown = ", ".join(allowed_roots) if allowed_roots else "none configured"
     raise NotAllowed(
-        f"folder {folder_id}: target_path {target_path} is not under any of this node's sync.allowed_roots ({shown}); "
-        "this node will not write there. Add a parent directory to sync.allowed_roots in this node's config, "
-        "or have an admin change the folder's target_path"
+        f"folder {folder_id}: {what} {target_path} is not under any of this node's sync.allowed_roots ({shown}); "
+        f"this node will not {'read' if what == 'source_path' else 'write'} there. Add a parent directory to "
+        f"sync.allowed_roots in this node's config, or have an admin change the folder's {what}"
     )
 
 
@@ -644,8 +644,8 @@ class Applier:
             return
         async with trio.open_nursery() as nursery:
             for b in _rotated(todo, self.rotate):
-                if op.error is not None:
-                    break
+                if op.error is not None and not isinstance(op.error, FetchFailed):
+                    break  # a block that could not be fetched does not stop the others: they are kept for the resume
                 await self._budget.acquire(b.size)
                 nursery.start_soon(self._fetch_one, fw, op, b, report)
         if op.error is not None:

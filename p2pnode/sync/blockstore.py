@@ -5,11 +5,6 @@ folder, a receiver's applied files, deploy artifacts under a pseudo-folder). The
 under its folder's root without following any symlink, the block read and checked against its
 hash: a file that changed since it was registered is skipped, never served. What is returned is a
 `VerifiedBlock`, so the block exchange does not hash it a second time.
-
-A receiver also serves the blocks it has already written to a file still being built (the sync
-service passes the temporary file's name): names of that shape are refused as folder names, so
-they are opened with `temp_ok`, by the same symlink-free walk. (They were refused here too, until
-benchmarks/sync.py showed 8 receivers answering "missing" for every block they had announced.)
 """
 
 from __future__ import annotations
@@ -29,15 +24,17 @@ from .localfs import SafeRoot, UnsafePath, read_exact
 READ_WITH_LOOKUP = 128 * 1024  # blocks up to this size are read on the database thread, with their lookup
 
 
-def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash: bytes) -> VerifiedBlock | None:
-    """The first candidate whose bytes hash to `block_hash`. Runs on a worker thread."""
+def read_verified(candidates: list[tuple[BlockLocation, str | None]], block_hash: bytes, *,
+                  temp: bool = False) -> VerifiedBlock | None:
+    """The first candidate whose bytes hash to `block_hash` (`temp`: the names are temporary files
+    of downloads in progress). Runs on a worker thread."""
     for loc, root_path in candidates:
         if not root_path:
             continue
         try:
             root = SafeRoot(root_path)
             try:
-                fd = root.open_file(loc.name, temp_ok=True)
+                fd = root.open_file(loc.name, temp=temp)
             finally:
                 root.close()
         except (UnsafePath, DecodeError, OSError):

@@ -98,15 +98,17 @@ class SafeRoot:
         finally:
             os.close(root)
 
-    def open_file(self, name: str, *, temp_ok: bool = False) -> int:
+    def open_file(self, name: str, *, temp: bool = False) -> int:
         """A read-only descriptor of regular file `name`, no symlink followed anywhere on the way.
-        `temp_ok`: `name` may also be one of our temporary files (a receiver serving the blocks of
-        a file it is still writing), a shape names.validate refuses for any folder name."""
-        dir_name, _, leaf = name.rpartition("/")
-        if not (temp_ok and names.is_temp_name(leaf)):
-            names.validate(name)
-        else:  # the directory, and the name the temporary file stands for, are folder names
-            names.validate("/".join(p for p in (dir_name, leaf[len(names.TEMP_PREFIX) : -len(names.TEMP_SUFFIX)]) if p))
+        `temp=True`: `name` is one of our temporary files (a download in progress, whose blocks
+        written so far are served to other receivers)."""
+        if temp:
+            dir_part, _, leaf = name.rpartition("/")
+            if not names.is_temp_name(leaf) or "/" in leaf:
+                raise UnsafePath(f"{name} is not a sync temporary file")
+            dir_name = names.validate(dir_part) if dir_part else ""
+        else:
+            dir_name, _, leaf = names.validate(name).rpartition("/")
         dfd = self.open_dir(dir_name)
         try:
             fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)

@@ -23,6 +23,8 @@ Spec: protocols/sync.md.
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import logging
 import os
 import random
@@ -47,7 +49,7 @@ from ..platform.bus import LWW, Accepted, DocumentType
 from ..platform.db import Database, StoreError
 from ..platform.service import ControlRequest, Route, Service, ServiceContext
 from ..deploy.runner import BoundedLog, run_argv
-from .apply import ApplyError, ApplyReport, DiskFull, NotAllowed, check_allowed, sync_folder
+from .apply import ApplyError, ApplyReport, NotAllowed, check_allowed, sync_folder
 from .blockstore import read_block, read_verified
 from .documents import (
     FAILED, FOLDER, PENDING, REFUSED, RETRYING, RUNNING, SOURCE, SOURCE_ERROR, STATE, SUCCESS, SYNC_DEGRADED,
@@ -69,6 +71,7 @@ HAVE_INTERVAL = 0.25
 PROGRESS_INTERVAL = 2.0
 POST_SYNC_TIMEOUT = 600.0
 MAX_INDEX_ROUNDS = 10_000
+SWARM_WAIT = 1.0  # a block others may soon have waits at most this long per look before asking the source
 
 log = logging.getLogger("p2pnode.sync")
 
@@ -91,9 +94,10 @@ class SyncService(Service):
         self.partial_blocks: dict[bytes, tuple[str, str, int, int]] = {}
         self._temp_blocks: dict[tuple[str, str], list[bytes]] = {}
         self._have_out: dict[str, list[bytes]] = {}
+        self._have_events: dict[str, trio.Event] = {}
+        self.applied_settings: dict[str, str] = {}  # folder -> fingerprint of the settings its version was applied with
         self.counters: Counter[str] = Counter()
         self._changed = trio.Event()
-        self._saved: dict[str, FolderTasks] = {}
         self._last_issued: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         ctx.bus.register(DocumentType(
@@ -176,7 +180,6 @@ class SyncService(Service):
     async def load(self) -> None:
         self._db = await self.ctx.databases.open("sync.db", MIGRATIONS)
         self.tasks = TaskStore(self._db)
-        self._saved = await self.tasks.load()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -197,7 +200,7 @@ class SyncService(Service):
                 wanted[folder_id] = ReceiverRun(self, config, target)
         for folder_id, run in list(self.runs.items()):
             new = wanted.get(folder_id)
-            if new is None or type(new) is not type(run) or new.config != run.config:
+            if new is None or type(new) is not type(run) or new.config != run.config or run.finished:
                 run.scope.cancel()
                 del self.runs[folder_id]
         for folder_id, run in wanted.items():
@@ -218,6 +221,9 @@ class SyncService(Service):
             peer_have = self.have.setdefault(folder, {}).setdefault(conn.peer_id, set())
             if folder in self.folders and len(peer_have) + len(hashes) <= MAX_HAVE_PER_PEER:
                 peer_have.update(hashes)
+                event = self._have_events.pop(folder, None)
+                if event is not None:
+                    event.set()
             return {}
         raise DecodeError(f"sync request: unknown op {op!r}")
 
@@ -259,7 +265,8 @@ class SyncService(Service):
             return None
         folder, temp, offset, size = spot
         root = await self.db.read(lambda c: self.repo.root(c, folder))
-        return await trio.to_thread.run_sync(read_verified, [(BlockLocation(folder, temp, offset, size), root)], digest)
+        return await trio.to_thread.run_sync(
+            functools.partial(read_verified, [(BlockLocation(folder, temp, offset, size), root)], digest, temp=True))
 
     # -- what a receiver tells the others while it writes ---------------------------------------------
     def note_blocks(self, folder: str, temp: str, blocks: Sequence[BlockPlan]) -> None:
@@ -299,6 +306,22 @@ class SyncService(Service):
         except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug(fmt("sync_have_failed", peer=peer, reason=str(exc)))
 
+    def have_arrived(self, folder: str) -> trio.Event:
+        """Set when another receiver next announces blocks of `folder`."""
+        event = self._have_events.get(folder)
+        if event is None:
+            event = self._have_events[folder] = trio.Event()
+        return event
+
+    def others_busy(self, config: FolderConfig) -> bool:
+        """Whether another receiver is applying this folder right now (it may bring blocks we need)."""
+        for target in config.nodes:
+            if target.node_id != self.me and self.ctx.host.connection_to(target.node_id) is not None:
+                st = self.state_of(config.id, target.node_id)
+                if st is not None and st.status == RUNNING:
+                    return True
+        return False
+
     # -- block sources ----------------------------------------------------------------------------
     def block_sources(self, config: FolderConfig, digest: bytes, index_id: int, seq: int) -> tuple[list[PeerId], list[PeerId]]:
         """(peers likely to have the block, the rest to try after them: other receivers, then the source)."""
@@ -334,7 +357,8 @@ class SyncService(Service):
             Route("GET", "/sync/status", self._route_status, "?folder=ID: every folder's source version and each receiver's state"),
             Route("GET", "/sync/tasks", self._route_tasks, "?folder=ID&node=PEER: receivers' current tasks (+ this node's history)"),
             Route("GET", "/sync/log", self._route_log, "?task=ID: a task's log"),
-            Route("POST", "/sync/trigger", self._route_trigger, 'body {"folder": ID}: rescan now (on the source) and publish'),
+            Route("POST", "/sync/trigger", self._route_trigger, 'body {"folder": ID}: rescan now (on the source) and publish',
+                  timeout=3600.0),
         ]
 
     def folder_view(self, config: FolderConfig) -> dict[str, Any]:
@@ -439,13 +463,19 @@ class _Run(abc.ABC):
         self.svc = svc
         self.config = config
         self.scope = trio.CancelScope()
+        self.finished = False
 
     async def main(self) -> None:
         with self.scope:
             try:
                 await self.run()
-            except StoreError as exc:  # sync.db refused a write: the run starts again later
-                log.error(fmt("sync_store_failed", folder=self.config.id, error=str(exc)))
+            except StoreError as exc:  # sync.db refused a write: the supervisor starts the run again
+                if not self.svc.db.closed:  # (closed: the node is stopping)
+                    log.error(fmt("sync_store_failed", folder=self.config.id, error=str(exc), retry_in="10s"))
+                    await trio.sleep(10)
+            finally:
+                self.finished = True
+                self.svc.wake()
 
     @abc.abstractmethod
     async def run(self) -> None: ...
@@ -456,12 +486,15 @@ class SourceRun(_Run):
 
     index_id = 0
     published_seq = 0
+    scanner: Scanner | None = None
+    refusal: NotAllowed | None = None
 
     async def run(self) -> None:
         svc, config = self.svc, self.config
         try:
-            root = check_allowed(config.id, config.source_path, svc.allowed_roots)
+            root = check_allowed(config.id, config.source_path, svc.allowed_roots, what="source_path")
         except NotAllowed as exc:
+            self.refusal = exc
             await self._publish(REFUSED, str(exc))
             log.warning(fmt("sync_folder_refused", folder=config.id, role="source", reason=str(exc)))
             await trio.sleep_forever()
@@ -488,6 +521,7 @@ class SourceRun(_Run):
             await trio.sleep(self.config.rescan_interval_s)
 
     async def _watch(self) -> None:
+        assert self.scanner is not None
         while True:
             try:
                 await Watcher(self.scanner).run()
@@ -497,6 +531,10 @@ class SourceRun(_Run):
 
     async def trigger(self, report_errors: bool = False) -> int:
         """A full rescan now; returns how many entries changed."""
+        if self.refusal is not None:
+            raise self.refusal
+        if self.scanner is None:
+            raise ScanError(f"folder {self.config.id} is still starting on this node; try again in a moment")
         self.svc.counters["rescans"] += 1
         try:
             report = await self.scanner.full_scan()
@@ -542,10 +580,13 @@ class ReceiverRun(_Run):
     def __init__(self, svc: SyncService, config: FolderConfig, target: NodeTarget):
         super().__init__(svc, config)
         self.target = target
-        saved = svc._saved.get(config.id, FolderTasks())
-        self.applied = (saved.applied_index_id, saved.applied_seq)
-        self.task: TaskInfo | None = saved.task
+        self.applied = (0, 0)
+        self.task: TaskInfo | None = None
         self.error = ""
+        # The folder's settings as applied here: when they change (strategy, filters, ignore rules,
+        # permissions), or the node restarts, the version in place is checked again with them.
+        self.fingerprint = hashlib.sha256(codec.encode({**config.to_dict(), "issued_at": ""})).hexdigest()
+        self.recheck = svc.applied_settings.get(config.id) != self.fingerprint
         self._t0 = 0.0
 
     @property
@@ -554,6 +595,10 @@ class ReceiverRun(_Run):
 
     async def run(self) -> None:
         svc, config = self.svc, self.config
+        assert svc.tasks is not None
+        saved = (await svc.tasks.load()).get(config.id, FolderTasks())  # as stored: a restart resumes it
+        self.applied = (saved.applied_index_id, saved.applied_seq)
+        self.task = saved.task
         try:
             check_allowed(config.id, self.target.target_path, svc.allowed_roots)
         except NotAllowed as exc:
@@ -567,11 +612,14 @@ class ReceiverRun(_Run):
         while True:
             head = await self._catch_up_index()
             desired = await self.db.read(lambda c: svc.repo.desired_index(c, config.id))
-            if desired is not None and desired[1] > 0 and (desired != self.applied or self._task_open()):
+            if desired is not None and desired[1] > 0 and (desired != self.applied or self._task_open() or self.recheck):
                 if not await self._work_on(desired):
                     continue
             await self._publish(self._status())
-            await svc.changed(60.0 if head is None else 30.0)
+            wait = 60.0 if head is None else 30.0
+            if self.task is not None and self.task.status == RETRYING:
+                wait = min(wait, max(0.0, (self.task.next_retry_at_ns - svc.ctx.clock.now_ns()) / 1e9))
+            await svc.changed(wait)
 
     def _task_open(self) -> bool:
         return self.task is not None and self.task.status in (PENDING, RUNNING, RETRYING)
@@ -604,7 +652,7 @@ class ReceiverRun(_Run):
                 if svc.ctx.host.connection_to(peer) is None:
                     continue
                 try:
-                    progressed = await self._fetch_chunks(peer, head[0], after)
+                    progressed = await self.fetch_chunks(peer, head[0], after)
                 except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.info(fmt("sync_index_fetch_failed", folder=config.id, peer=peer, reason=str(exc)))
                     continue
@@ -614,7 +662,9 @@ class ReceiverRun(_Run):
                 return head  # nobody reachable has more now; the next change wakes us
         return head
 
-    async def _fetch_chunks(self, peer: PeerId, index_id: int, after: int) -> bool:
+    async def fetch_chunks(self, peer: PeerId, index_id: int, after: int) -> bool:
+        """Ask `peer` (the source or a relay) for the chunks after `after`; keep those the source
+        signed. Returns whether this node's copy of the index moved on."""
         svc, config = self.svc, self.config
         reply = await rpc.request(svc.ctx.host, peer, PROTOCOL, {"op": "index", "folder": config.id, "index_id": index_id,
                                                                   "after": after}, LIMITS)
@@ -657,8 +707,9 @@ class ReceiverRun(_Run):
         svc, config = self.svc, self.config
         index_id, seq = desired
         task = self.task
-        if task is None or (task.index_id, task.seq) != desired:
-            task = TaskInfo(f"{config.id}@{svc.me.short()}:{seq}", index_id, seq, PENDING)
+        if task is None or (task.index_id, task.seq) != desired or (self.recheck and task.status == SUCCESS):
+            suffix = f"-{int(svc.ctx.clock.now_ns() // 10**6)}" if desired == self.applied else ""  # a re-check of the same version
+            task = TaskInfo(f"{config.id}@{svc.me.short()}:{seq}{suffix}", index_id, seq, PENDING)
         elif task.status == FAILED and task.attempt >= config.retry.max_attempts:
             return True  # degraded on this version: wait for a new one
         self.task = task
@@ -680,6 +731,8 @@ class ReceiverRun(_Run):
         now = svc.ctx.clock.now_ns()
         if error is None:
             self.applied = desired
+            self.recheck = False
+            svc.applied_settings[config.id] = self.fingerprint
             self.task = attrs.evolve(self.task, status=SUCCESS, finished_at_ns=now)
             self._line("done")
             log.info(fmt("sync_task_done", folder=config.id, task=self.task.id, bytes=self.task.bytes_done))
@@ -746,19 +799,40 @@ class ReceiverRun(_Run):
         self._t0 = trio.current_time()
 
         async def fetch(digest: bytes, size: int) -> bytes:
-            preferred, others = svc.block_sources(config, digest, *desired)
-            data, _ = await svc.ctx.blocks.fetch(digest, preferred, others)
-            return data
+            # Swarming: ask the source only for blocks nobody else has, and only while it has room
+            # for us; otherwise wait for another receiver to announce the block (or for room).
+            blocks = svc.ctx.blocks
+            while True:
+                preferred, others = svc.block_sources(config, digest, *desired)
+                source_budget = blocks.budget(config.source)
+                if preferred or not svc.others_busy(config):
+                    data, _ = await blocks.fetch(digest, preferred, others, size=size)
+                    return data
+                if source_budget.try_acquire(size):
+                    data, _ = await blocks.fetch(digest, preferred, others, size=size, reserved=config.source)
+                    return data
+                with trio.move_on_after(SWARM_WAIT):
+                    async with trio.open_nursery() as waiting:
+                        async def first(wait: Any) -> None:
+                            await wait()
+                            waiting.cancel_scope.cancel()
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._progress_ticker)
+                        waiting.start_soon(first, source_budget.wait_released)
+                        waiting.start_soon(first, svc.have_arrived(config.id).wait)
+
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._progress_ticker)
+            try:
                 report = await sync_folder(svc.db, svc.repo, config, self.target, fetch, allowed_roots=svc.allowed_roots,
                                            observer=_Observer(self), rotate=rotate,
                                            max_inflight_bytes=svc.ctx.config.sync.max_bytes_in_flight)
+            except (ApplyError, OSError, BlockUnavailable) as exc:  # ApplyError covers DiskFull, NotAllowed
+                failure = exc
+            finally:
                 nursery.cancel_scope.cancel()
-        except (ApplyError, DiskFull, NotAllowed, OSError, BlockUnavailable) as exc:
-            return exc
+        if failure is not None:
+            return failure
         if not report.ok:
             first = report.errors[0] if report.errors else ("", "")
             return ApplyError(f"{report.error_count} entries failed, e.g. {first[0]}: {first[1]}")

@@ -601,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     validity.add_argument("--valid-from", help="RFC 3339 start of validity (default: now)")
 
     parser = argparse.ArgumentParser(prog="p2pnode-admin", description=(
-        "Administer a p2pnode cluster: keys, admin proofs, membership snapshots, revocations. "
-        "Trust chain: the system key signs admin proofs and revocations; an admin signs snapshots."))
+        "Administer a p2pnode cluster: keys, admin proofs, membership snapshots, revocations, deploys. "
+        "Trust chain: the system key signs admin proofs and revocations; an admin signs snapshots; an admin "
+        "or a deployer (new-deployer) signs deploy commands and artifact manifests."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init-system", parents=[common, enc], help="create the cluster's system key; prints system_pubkey")
@@ -687,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-pubkey", help="check admin proofs and revocations against this system key")
     p.add_argument("--cluster", help="expected cluster ID")
     p.set_defaults(func=cmd_inspect)
+
+    from . import folder  # imports this module: registered here, once it is loaded
+    folder.register(sub, common, net)
+    from . import deploy  # deploys: new-deployer, artifact publish, deploy … (it imports this module)
+
+    deploy.add_commands(sub, common, enc, net, validity)
     return parser
 
 
