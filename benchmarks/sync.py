@@ -30,8 +30,8 @@ Needs (Debian):
     apt-get install -y rsync openssh-server        # the baselines of parts a and b
     pip install py-spy                             # only for --profile
 
-    python benchmarks/sync.py                      # every part, full size (~15 min on 2 cores)
-    python benchmarks/sync.py --quick              # every part, small sizes (~3 min)
+    python benchmarks/sync.py                      # every part, full size (~3 min on 2 quiet cores)
+    python benchmarks/sync.py --quick              # every part, small sizes (~1 min)
     python benchmarks/sync.py --parts a,b          # some parts
     python benchmarks/sync.py --parts a --profile /tmp/prof   # py-spy the source and receiver
 
