@@ -337,7 +337,7 @@ class SyncService(Service):
             elif p != config.source:
                 others.append(p)
         if config.source in connected and config.source not in preferred:
-            others.append(config.source)
+            others = [config.source]  # receivers that announced nothing would only answer "missing"
         return preferred, others
 
     # -- status and control -----------------------------------------------------------------------
@@ -615,6 +615,9 @@ class ReceiverRun(_Run):
             if desired is not None and desired[1] > 0 and (desired != self.applied or self._task_open() or self.recheck):
                 if not await self._work_on(desired):
                     continue
+                source = svc.state_of(config.id, config.source)
+                if self.applied == desired and source is not None and (source.index_id, source.seq) != desired:
+                    continue  # the source announced a newer version while this one was applied: its wake-up is gone
             await self._publish(self._status())
             wait = 60.0 if head is None else 30.0
             if self.task is not None and self.task.status == RETRYING:
