@@ -138,7 +138,7 @@ async def test_requests_to_one_peer_stay_under_its_stream_limit(make_host):
     client, server, members, _ = await _pair(make_host, server_limits=Limits(max_streams_per_connection=12))
     async with client as a_host, server as b_host:
         a, b = Node(a_host, members, max_requests_per_peer=8), Node(b_host, members)
-        blocks = [os.urandom(4096) for _ in range(64)]
+        blocks = [os.urandom(200 << 10) for _ in range(64)]  # above the batch size: a stream each
         for block in blocks:
             b.hold(block)
         serving = peak = 0
@@ -152,7 +152,7 @@ async def test_requests_to_one_peer_stay_under_its_stream_limit(make_host):
             serving -= 1
             return held(digest)
 
-        b.blocks.providers = [slow_provider]
+        b.blocks.providers = [(slow_provider, None)]
         await a_host.connect(b_host.full_addrs()[0])
         got = {}
 
@@ -189,3 +189,37 @@ async def test_replies_that_do_not_fit_this_nodes_memory_wait_and_are_asked_agai
                 n.start_soon(get, block)
         assert not a.blocks.inflight and not a.blocks.sending
         assert a.blocks.counters(b_host.peer_id).blocks_in == 12 and a.blocks.counters(b_host.peer_id).missing == 0
+
+
+async def test_small_blocks_travel_in_batches_and_missing_ones_fall_back(trio_hosts):
+    """64 small blocks to one peer cost one or two requests, not 64; a block the first peer
+    lacks in a batch is asked of the next candidate."""
+    a, b, c = trio_hosts
+    blocks = [os.urandom(1000 + i) for i in range(64)]
+    for block in blocks[:-1]:
+        b.hold(block)
+    c.hold(blocks[-1])
+    requests = []
+    from p2pnode.platform import rpc as rpc_module
+
+    original = rpc_module.request
+
+    async def counting(host, peer, protocol, message, limits):
+        requests.append(len(message.get("hashes", [message.get("hash")])))
+        return await original(host, peer, protocol, message, limits)
+
+    rpc_module.request = counting
+    try:
+        got = {}
+
+        async def get(block):
+            got[h(block)], _ = await a.blocks.fetch(h(block), [b.host.peer_id], [c.host.peer_id], size=len(block))
+
+        async with trio.open_nursery() as n:
+            for block in blocks:
+                n.start_soon(get, block)
+    finally:
+        rpc_module.request = original
+    assert all(got[h(block)] == block for block in blocks)
+    assert len(requests) <= 4 and sum(requests) == 65, requests  # 64 in batch(es) to b, then the missing one to c
+    assert b.blocks.blocks_served == 63 and c.blocks.blocks_served == 1

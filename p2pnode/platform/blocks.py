@@ -19,8 +19,14 @@ Bytes are hashed once per hop: a provider that has already checked what it read 
 `VerifiedBlock`, and `fetch` returns one, so neither the server nor the caller hashes again;
 large blocks are hashed on a worker thread, not on the event loop.
 
-Request `{hash: bstr .size 32}` → reply `{data: bstr}` or `{missing: true}` (or `{error:
-"forbidden"}` to a non-member). Spec: protocols/blocks.md.
+Small blocks travel in batches: requests for blocks of at most BATCH_BLOCK bytes to one peer that
+start within BATCH_WAIT of each other share one stream (up to BATCH_MAX of them): one request,
+one reply, one lookup on the serving side. A folder of many small files costs a stream per batch,
+not per file.
+
+Request `{hash: bstr .size 32}` → reply `{data: bstr}` or `{missing: true}`; or `{hashes: [* bstr]}`
+→ `{blocks: [* bstr / null]}` (null: missing); or `{error: "forbidden"}` to a non-member.
+Spec: protocols/blocks.md.
 """
 
 from __future__ import annotations
@@ -45,7 +51,12 @@ from .service import Service
 
 PROTOCOL = "/p2pnode/blocks/1.0.0"
 MAX_BLOCK = 4 << 20
-LIMITS = rpc.Limits(max_request=256, max_reply=MAX_BLOCK + 256, timeout=30.0)
+BATCH_BLOCK = 128 << 10  # blocks up to this size are asked for in batches
+BATCH_MAX = 64  # blocks in one batch
+BATCH_BYTES = 2 << 20  # bytes in one batch's reply
+BATCH_WAIT = 0.002  # seconds a batch waits for company before it is sent
+BATCH_LIMITS = rpc.Limits(max_request=BATCH_MAX * 40 + 256, max_reply=BATCH_BYTES + BATCH_MAX * 16 + 256, timeout=30.0)
+LIMITS = rpc.Limits(max_request=BATCH_MAX * 40 + 256, max_reply=MAX_BLOCK + 256, timeout=30.0)
 AVOID_AFTER = 3  # wrong blocks before a peer is avoided
 PEER_INFLIGHT_BYTES = 8 << 20  # replies in flight from one peer: well under the host's per-connection memory budget
 SUSPECT_FOR = 30.0  # a peer that let a request time out is "suspect" this long (a dead link looks alive until keepalive notices)
@@ -60,6 +71,7 @@ HASH_OFF_THREAD = 256 << 10  # larger blocks are hashed on a worker thread, not 
 log = logging.getLogger("p2pnode.blocks")
 
 Provider = Callable[[bytes], Awaitable[bytes | None]]
+ManyProvider = Callable[[Sequence[bytes]], Awaitable[dict[bytes, bytes]]]
 
 
 class VerifiedBlock(bytes):
@@ -85,6 +97,22 @@ async def sha256(data: bytes) -> bytes:
 
 class BlockUnavailable(P2PNodeError):
     """No candidate peer could supply the block (each one's reason is in the message)."""
+
+
+class _Batch:
+    """Small-block requests to one peer that go out together; the first one's task sends them."""
+
+    def __init__(self) -> None:
+        self.digests: list[bytes] = []
+        self.nbytes = 0
+        self.sent = False
+        self.full = trio.Event()
+        self.done = trio.Event()
+        self.results: dict[bytes, bytes] = {}
+        self.error: Exception | None = None
+
+    def room_for(self, size: int) -> bool:
+        return not self.sent and len(self.digests) < BATCH_MAX and self.nbytes + size <= BATCH_BYTES
 
 
 @attrs.define
@@ -134,7 +162,8 @@ class BlockExchange:
                  max_requests_per_peer: int = MAX_REQUESTS_PER_PEER):
         self.host = host
         self.roster = roster
-        self.providers: list[Provider] = []
+        self.providers: list[tuple[Provider, ManyProvider | None]] = []
+        self._batches: dict[PeerId, _Batch] = {}
         self.peers: dict[PeerId, PeerCounters] = {}
         self.inflight: Counter[PeerId] = Counter()
         self.max_requests_per_peer = max_requests_per_peer
@@ -164,8 +193,10 @@ class BlockExchange:
             del self._suspect_until[peer]
             self._probe_at.pop(peer, None)
 
-    def add_provider(self, provider: Provider) -> None:
-        self.providers.append(provider)
+    def add_provider(self, provider: Provider, many: ManyProvider | None = None) -> None:
+        """`provider(hash)`: a block this node holds, or None; `many(hashes)`, if given, does a batch
+        in one go (hash -> block for those it holds)."""
+        self.providers.append((provider, many))
 
     def counters(self, peer: PeerId) -> PeerCounters:
         counters = self.peers.get(peer)
@@ -175,23 +206,61 @@ class BlockExchange:
 
     async def read_local(self, digest: bytes) -> bytes | None:
         """The block from this node's own providers, verified (a file may have changed since it was indexed)."""
-        for provider in self.providers:
+        for provider, _ in self.providers:
             data = await provider(digest)
             if data is not None and (is_verified(data, digest) or await sha256(data) == digest):
                 return data
         return None
 
+    async def read_local_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Several blocks at once, verified: batch-capable providers first, one call each."""
+        found: dict[bytes, bytes] = {}
+        for provider, many in self.providers:
+            wanted = [d for d in digests if d not in found]
+            if not wanted:
+                break
+            if many is not None:
+                got = await many(wanted)
+            else:
+                got = {}
+                for d in wanted:
+                    data = await provider(d)
+                    if data is not None:
+                        got[d] = data
+            for d, data in got.items():
+                if d in wanted and (is_verified(data, d) or await sha256(data) == d):
+                    found[d] = data
+        return found
+
+    def _served(self, peer: PeerId, data: bytes) -> None:
+        c = self.counters(peer)
+        c.bytes_out += len(data)
+        c.blocks_out += 1
+        self.blocks_served += 1
+
     async def _serve(self, request: dict[str, Any], conn: Any) -> dict[str, Any]:
-        digest = codec.Fields(request, "block request").blob("hash")
+        f = codec.Fields(request, "block request")
+        if "hashes" in f.raw:
+            digests = [d for d in f.items("hashes", max_items=BATCH_MAX) if isinstance(d, bytes) and len(d) == 32]
+            found = await self.read_local_many(digests)
+            blocks: list[bytes | None] = []
+            size = 0
+            for d in digests:
+                data = found.get(d)
+                if data is not None and size + len(data) <= BATCH_BYTES:
+                    size += len(data)
+                    self._served(conn.peer_id, data)
+                    blocks.append(data)
+                else:
+                    blocks.append(None)
+            return {"blocks": blocks}
+        digest = f.blob("hash")
         if digest is None or len(digest) != 32:
             return {"missing": True}
         data = await self.read_local(digest)
         if data is None:
             return {"missing": True}
-        c = self.counters(conn.peer_id)
-        c.bytes_out += len(data)
-        c.blocks_out += 1
-        self.blocks_served += 1
+        self._served(conn.peer_id, data)
         return {"data": data}
 
     # -- fetching -------------------------------------------------------------------------------
@@ -250,7 +319,10 @@ class BlockExchange:
             else:
                 await budget.acquire(size)
             try:
-                reply = await self._request(peer, digest, limits)
+                if size <= BATCH_BLOCK:
+                    reply = await self._batched(peer, digest, size, limits)
+                else:
+                    reply = await self._request(peer, {"hash": digest}, limits)
             except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if "timed out" in str(exc) or "no reply within" in str(exc):
                     self._suspect_until[peer] = trio.current_time() + SUSPECT_FOR
@@ -281,14 +353,53 @@ class BlockExchange:
             return VerifiedBlock(data, digest), peer
         raise BlockUnavailable(f"block {digest.hex()[:16]}…: " + ("; ".join(reasons[:8]) if reasons else "no peer to ask"))
 
-    async def _request(self, peer: PeerId, digest: bytes, limits: rpc.Limits) -> dict[str, Any]:
+    async def _batched(self, peer: PeerId, digest: bytes, size: int, limits: rpc.Limits) -> dict[str, Any]:
+        """A small block's request, sent together with others to the same peer: the first request of
+        a batch waits BATCH_WAIT (or until the batch is full), sends them all, and hands out the
+        answers; the others wait for it. Returns the single-request reply shape."""
+        batch = self._batches.get(peer)
+        leader = batch is None or not batch.room_for(size)
+        if leader:
+            batch = self._batches[peer] = _Batch()
+        assert batch is not None
+        batch.digests.append(digest)
+        batch.nbytes += size
+        if not batch.room_for(BATCH_BLOCK):
+            batch.full.set()
+        if leader:
+            with trio.move_on_after(BATCH_WAIT):
+                await batch.full.wait()
+            batch.sent = True
+            if self._batches.get(peer) is batch:
+                del self._batches[peer]
+            try:
+                timeout = attrs.evolve(BATCH_LIMITS, timeout=limits.timeout)
+                reply = await self._request(peer, {"hashes": batch.digests}, timeout)
+                blocks = codec.Fields(reply, "block batch reply").items("blocks", max_items=BATCH_MAX)
+                batch.results = {d: b for d, b in zip(batch.digests, blocks) if isinstance(b, bytes)}
+            except (P2PNodeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                batch.error = exc
+                raise
+            except BaseException:
+                batch.error = P2PNodeError(f"the batch request to {peer.short()} was cancelled")
+                raise
+            finally:
+                batch.done.set()
+        else:
+            await batch.done.wait()
+            if batch.error is not None:
+                raise batch.error
+        data = batch.results.get(digest)
+        return {"data": data} if data is not None else {"missing": True}
+
+    async def _request(self, peer: PeerId, message: dict[str, Any], limits: rpc.Limits) -> dict[str, Any]:
         """One request, on a stream of its own, with fewer than max_requests_per_peer to `peer` on the wire."""
         for attempt in range(LOCAL_LIMIT_RETRIES + 1):
             while self.sending[peer] >= self._caps.get(peer, self.max_requests_per_peer):
                 await self._request_done.wait()
             self.sending[peer] += 1
             try:
-                reply = await rpc.request(self.host, peer, PROTOCOL, {"hash": digest}, limits)
+                reply = await rpc.request(self.host, peer, PROTOCOL, message, limits)
                 cap = self._caps.pop(peer, None)
                 if cap is not None and cap + 1 < self.max_requests_per_peer:
                     self._caps[peer] = cap + 1  # back up by one per reply

@@ -70,3 +70,35 @@ async def read_block(db: Database, repo: IndexRepo, block_hash: bytes) -> Verifi
     if not found:
         return None
     return await trio.to_thread.run_sync(read_verified, found, block_hash)
+
+
+async def read_blocks(db: Database, repo: IndexRepo, digests: list[bytes]) -> dict[bytes, VerifiedBlock]:
+    """Several blocks at once (a peer's batch of small blocks): one trip to the database thread
+    looks them all up and reads the small ones there; larger ones are read on a worker thread."""
+
+    def lookup(conn: sqlite3.Connection) -> tuple[dict[bytes, VerifiedBlock], dict[bytes, list[tuple[BlockLocation, str | None]]]]:
+        small: dict[bytes, VerifiedBlock] = {}
+        large: dict[bytes, list[tuple[BlockLocation, str | None]]] = {}
+        roots: dict[str, str | None] = {}
+        for digest in digests:
+            found = []
+            for loc in repo.locate(conn, digest):
+                if loc.folder not in roots:
+                    roots[loc.folder] = repo.root(conn, loc.folder)
+                found.append((loc, roots[loc.folder]))
+            if not found:
+                continue
+            if found[0][0].size <= READ_WITH_LOOKUP:
+                block = read_verified(found, digest)
+                if block is not None:
+                    small[digest] = block
+            else:
+                large[digest] = found
+        return small, large
+
+    out, large = await db.read(lookup)
+    for digest, found in large.items():
+        block = await trio.to_thread.run_sync(read_verified, found, digest)
+        if block is not None:
+            out[digest] = block
+    return out

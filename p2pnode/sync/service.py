@@ -50,7 +50,7 @@ from ..platform.db import Database, StoreError
 from ..platform.service import ControlRequest, Route, Service, ServiceContext
 from ..deploy.runner import BoundedLog, run_argv
 from .apply import ApplyError, ApplyReport, NotAllowed, check_allowed, sync_folder
-from .blockstore import read_block, read_verified
+from .blockstore import read_block, read_blocks, read_verified
 from .documents import (
     FAILED, FOLDER, PENDING, REFUSED, RETRYING, RUNNING, SOURCE, SOURCE_ERROR, STATE, SUCCESS, SYNC_DEGRADED,
     MAX_LOG_LINE, MAX_LOG_LINES, FolderDoc, SyncState, TaskInfo, sign_chunk, verify_chunk, verify_folder, verify_state,
@@ -109,7 +109,7 @@ class SyncService(Service):
             peek=_peek_state, keep=1, max_size=64 << 10, rejected_action="sync_state_rejected",
         ))
         rpc.serve(ctx.host, PROTOCOL, self._serve, LIMITS, allow=lambda peer, request: ctx.roster.is_member(peer))
-        ctx.blocks.add_provider(self._provide)
+        ctx.blocks.add_provider(self._provide, self._provide_many)
         ctx.roster.on_change(self.wake)
         ctx.host.on_connected(lambda conn: self.wake())
         ctx.host.on_disconnected(lambda conn: self.wake())
@@ -254,6 +254,16 @@ class SyncService(Service):
             chunks.append(data)
             size += len(data)
         return {"index_id": held_id, "chunks": chunks, "more": len(chunks) < len(rows)}
+
+    async def _provide_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
+        """A peer's batch of small blocks: complete files in one lookup, files being written one by one."""
+        found: dict[bytes, bytes] = dict(await read_blocks(self.db, self.repo, list(digests)))
+        for digest in digests:
+            if digest not in found and digest in self.partial_blocks:
+                data = await self._provide(digest)
+                if data is not None:
+                    found[digest] = data
+        return found
 
     async def _provide(self, digest: bytes) -> bytes | None:
         """A block for a peer: from any complete file this node holds, or from a file it is writing."""
