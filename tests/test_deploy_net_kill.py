@@ -71,8 +71,8 @@ async def test_node_killed_mid_deploy_recovers_and_reports_after_restart(tmp_pat
             assert alive(sleeper) and victim_status() == "installing"
 
             proc = spawn(victim, log)
-            with trio.fail_after(60):
-                while victim_status() != "success":
+            with trio.fail_after(60):  # the final report reaches n0, and n1 (it spreads: not both at once)
+                while victim_status() != "success" or (mesh.record("k1", at=1) or {}).get("state") != "success":
                     await trio.sleep(0.05)
             rec = mesh.record("k1", at=1)
             row = mesh.node_row(rec, 2)
