@@ -52,3 +52,24 @@ def fresh_log_limits():
     limited.reset()
     yield
     limited.reset()
+
+
+@pytest.fixture
+def tmpfs():
+    """mount(path, size) -> grow(new_size): a small tmpfs a test can fill (needs root); unmounted after."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounts = []
+
+    def mount(path, size):
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)

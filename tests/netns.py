@@ -7,6 +7,7 @@ kills every process started in them, even when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,21 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 class NamespaceUnavailable(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def lab_or_fail(hosts: int):
+    """A Lab for a test: the test fails with the reason when namespaces cannot be made; always closed."""
+    import pytest
+
+    try:
+        lab = Lab(hosts)
+    except NamespaceUnavailable as exc:
+        pytest.fail(str(exc))
+    try:
+        yield lab
+    finally:
+        lab.close()
 
 
 class Lab:

@@ -147,21 +147,9 @@ def test_node_with_corrupt_database_exits_2(tmp_path):
     assert "corrupt or not a SQLite file" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs the test can fill (needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-async def test_disk_full_keeps_writes_queued_reports_a_problem_and_recovers(small_tmpfs):
+async def test_disk_full_keeps_writes_queued_reports_a_problem_and_recovers(tmpfs, tmp_path):
+    small_tmpfs = tmp_path / "small"
+    tmpfs(small_tmpfs, "1m")
     db = await Database.open(small_tmpfs / "x.db", SCHEMA, flush_interval=0.05)
     filler = small_tmpfs / "filler"
     async with trio.open_nursery() as nursery:

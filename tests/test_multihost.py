@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dnsserver import dnsmasq
-from netns import Lab, NamespaceUnavailable
+from netns import lab_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 5
@@ -40,14 +40,8 @@ def wait_states(nodes, want: dict[int, str], timeout: float, what: str) -> None:
 
 @pytest.fixture
 def lab():
-    try:
-        lab = Lab(N)
-    except NamespaceUnavailable as exc:
-        pytest.fail(str(exc))
-    try:
+    with lab_or_fail(N) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def install(args: list[str]) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from clusterkit import ClusterKit
-from netns import Lab, NamespaceUnavailable
+from netns import lab_or_fail
 from synckit import MiB, make_tree
 from treecmp import assert_same_tree
 from p2pnode import control, timefmt
@@ -27,14 +27,8 @@ PORT = 4300
 
 @pytest.fixture
 def lab():
-    try:
-        lab = Lab(4)
-    except NamespaceUnavailable as exc:
-        pytest.fail(str(exc))
-    try:
+    with lab_or_fail(4) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 async def push(data: Path, env) -> dict:

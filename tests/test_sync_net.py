@@ -225,26 +225,6 @@ async def test_strangers_get_no_index_and_no_blocks(mesh, make_host):
             await rpc.request(stranger, conn, PROTOCOL, {"op": "index", "folder": "web", "after": 0}, LIMITS)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounts = []
-
-    def mount(path, size):
-        path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-        mounts.append(path)
-        return lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
-
-    yield mount
-    for path in mounts:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 async def test_a_full_disk_fails_the_task_with_the_reason_leaves_nothing_half_written_and_is_retried(mesh, tmpfs):
     from p2pnode.sync.model import RetryPolicy
 
