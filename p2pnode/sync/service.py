@@ -110,7 +110,7 @@ class SyncService(Service):
         ))
         rpc.serve(ctx.host, PROTOCOL, self._serve, LIMITS, allow=lambda peer, request: ctx.roster.is_member(peer))
         ctx.blocks.add_provider(self._provide, self._provide_many)
-        ctx.roster.on_change(self.wake)
+        ctx.roster.on_change(self._membership_changed)
         ctx.host.on_connected(lambda conn: self.wake())
         ctx.host.on_disconnected(lambda conn: self.wake())
 
@@ -118,6 +118,12 @@ class SyncService(Service):
     def db(self) -> Database:
         assert self._db is not None, "the sync service is not loaded"
         return self._db
+
+    def _membership_changed(self) -> None:
+        for peers in self.have.values():  # what peers that left announced is of no use now
+            for peer in [p for p in peers if not self.ctx.roster.is_member(p)]:
+                del peers[peer]
+        self.wake()
 
     def wake(self) -> None:
         self._changed.set()
@@ -140,6 +146,7 @@ class SyncService(Service):
         doc: FolderDoc = accepted.doc
         if doc.config is None:
             self.folders.pop(doc.folder_id, None)
+            self.have.pop(doc.folder_id, None)
         else:
             self.folders[doc.folder_id] = doc.config
         if not loaded:
