@@ -164,13 +164,6 @@ class DocumentBus:
     def holding(self, type_: str) -> dict[str, Held]:
         return self.held.get(type_, {})
 
-    async def envelope(self, type_: str, key: str = "") -> Envelope | None:
-        held = self.held.get(type_, {}).get(key)
-        if held is None:
-            return None
-        blobs = await self.store.envelopes(type_, [held.digest])
-        return Envelope.from_bytes(blobs[held.digest]) if held.digest in blobs else None
-
     # -- lifetime ------------------------------------------------------------------------------
     async def load(self) -> None:
         """Restore every registered type from the database, re-verified, in registration order (so

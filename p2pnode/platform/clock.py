@@ -14,13 +14,3 @@ class Clock:
 
     def monotonic(self) -> float:
         return trio.current_time()
-
-
-class OffsetClock(Clock):
-    """Wall time shifted by `offset_ns` (a node whose clock is off, in tests)."""
-
-    def __init__(self, offset_ns: int):
-        self.offset_ns = offset_ns
-
-    def now_ns(self) -> int:
-        return time.time_ns() + self.offset_ns

@@ -77,9 +77,6 @@ class DocumentStore:
 
         await self.db.write(insert)
 
-    async def delete_key(self, type_: str, key: str) -> None:
-        await self.db.execute("DELETE FROM documents WHERE type = ? AND key = ?", (type_, key))
-
 
 def _typed(type_: str, rows: list[tuple[object, ...]]) -> Iterator[StoredDocument]:
     for key, digest, issued, blob, source in rows:

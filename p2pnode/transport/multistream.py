@@ -11,6 +11,8 @@ queue replies), `data_to_send()` drains what is queued. The trio driver is `mult
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Collection, Sequence
 
 import attrs
@@ -67,7 +69,9 @@ class ProtocolsListed:
 Event = ProtocolAgreed | ProtocolsListed
 
 
-class _Core:
+class _Core(abc.ABC):
+    """What the dialer and the listener share: framing, output, the one outcome."""
+
     def __init__(self, max_message: int) -> None:
         self._decoder = framing.LengthPrefixedDecoder(max_message)
         self._outbound = bytearray()
@@ -100,8 +104,9 @@ class _Core:
             raise ProtocolError(f"remote does not speak {PROTOCOL_ID}: {line[:64]!r}")
         self._got_header = True
 
+    @abc.abstractmethod
     def _on_message(self, message: bytes) -> bool:
-        raise NotImplementedError
+        """Handle one line; True once there is an outcome (in self.result)."""
 
 
 class MultistreamDialerCore(_Core):
